@@ -5,7 +5,7 @@ setup(
     name="u-diffusionnft",
     version="0.1.0",
     description="DiffusionNFT with dense reward maps (a location variable U) for SD3.5 + LoRA",
-    packages=find_packages(include=["u_nft", "u_nft.*", "reward_maps", "reward_maps.*", "config"]),
+    packages=find_packages(include=["u_nft", "u_nft.*", "reward_maps", "reward_maps.*"]),
     python_requires=">=3.10",
     # torch is not pinned here: GPU machines bring their CUDA build; scripts/setup.sh installs
     # the CPU build 2.13.0 on machines without a GPU. torchvision is deliberately absent.

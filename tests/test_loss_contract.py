@@ -5,23 +5,7 @@ import pytest
 import torch
 
 from u_nft.loss import DenseLossOptions, expand_to_grid, location_proposal, u_nft_loss
-
-
-def upstream_scalar_loss(v_theta, v_old, v_ref, x0, noise, t, r, beta, kl_weight, adv_clip_max):
-    """DiffusionNFT's per-image loss as DESIGN.md §1 states it (x0 space, per-sample adaptive weight)."""
-    t4 = t.view(-1, 1, 1, 1)
-    x_t = (1 - t4) * x0 + t4 * noise
-    dims = (1, 2, 3)
-    x0_pos = x_t - t4 * (beta * v_theta + (1 - beta) * v_old)
-    x0_neg = x_t - t4 * ((1 + beta) * v_old - beta * v_theta)
-    with torch.no_grad():
-        w_pos = (x0_pos - x0).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
-        w_neg = (x0_neg - x0).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
-    loss_pos = ((x0_pos - x0) ** 2 / w_pos).mean(dim=dims)
-    loss_neg = ((x0_neg - x0) ** 2 / w_neg).mean(dim=dims)
-    policy = (adv_clip_max * (r * loss_pos / beta + (1 - r) * loss_neg / beta)).mean()
-    kl = ((v_theta - v_ref) ** 2).mean(dim=dims).mean()
-    return policy + kl_weight * kl
+from upstream_reference import upstream_scalar_loss
 
 
 def random_batch(B=3, C=4, H=8, W=8, seed=0, dtype=torch.float64):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from upstream_reference import upstream_advantage_r
 from u_nft.normalization import (
     combine_rewards,
     group_ids_from_keys,
@@ -11,18 +12,6 @@ from u_nft.normalization import (
     scalar_rewards_to_r,
     validate_map_range,
 )
-
-
-def upstream_advantage_r(prompts, rewards, adv_clip_max=5.0, global_std=True):
-    """DiffusionNFT's PerPromptStatTracker (FACTS.md §E) then r = clamp(clip(A)/c/2 + 1/2, 0, 1), in numpy."""
-    prompts = np.array(prompts)
-    rewards = np.asarray(rewards, dtype=np.float64)
-    advantages = np.empty_like(rewards)
-    for prompt in np.unique(prompts):
-        group = rewards[prompts == prompt]
-        std = (np.std(rewards) if global_std else np.std(group)) + 1e-4
-        advantages[prompts == prompt] = (group - np.mean(group)) / std
-    return np.clip(np.clip(advantages, -adv_clip_max, adv_clip_max) / adv_clip_max / 2 + 0.5, 0, 1)
 
 
 @pytest.mark.parametrize("global_std", [True, False])

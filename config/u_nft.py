@@ -1,0 +1,156 @@
+"""Named experiments: ``--config config/u_nft.py:NAME``. Each changes only what differs from its parent.
+
+Upstream values (DiffusionNFT config/nft.py, FACTS.md §F): 8 GPUs, 48 groups x 24 images per epoch,
+10 sampling steps, dpm2, CFG-free, LoRA r=32/alpha=64, AdamW 3e-4, KL weight 1e-4, adv_clip_max 5.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load_sibling(name):
+    # Config files are loaded by path (ml_collections), not as a package: import base.py beside this file.
+    spec = importlib.util.spec_from_file_location(f"u_nft_config_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_base = _load_sibling("base")
+REPO_ROOT, base_config = _base.REPO_ROOT, _base.get_config
+
+DATASET_ROOT = os.path.join(REPO_ROOT, "dataset")
+
+
+def _dataset(config, name, train="train.txt", test="test.txt"):
+    config.dataset.train = os.path.join(DATASET_ROOT, name, train)
+    config.dataset.test = os.path.join(DATASET_ROOT, name, test)
+    return config
+
+
+def sd3_ocr_map():
+    """OCR with the dense OCR map (RapidOCR); upstream's OCR run uses decay type 2 and beta 0.1."""
+    config = _dataset(base_config(), "ocr")
+    config.run_name = "sd3_ocr_map"
+    config.reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})
+    config.train.decay_type = 2
+    config.train.beta = 0.1
+    return config
+
+
+def sd3_scalar_baseline():
+    """Upstream DiffusionNFT on OCR: the same run with each image's scalar reward broadcast."""
+    config = sd3_ocr_map()
+    config.run_name = "sd3_scalar_baseline"
+    config.train.scalar_mode = True
+    return config
+
+
+def sd3_geneval_map():
+    """GenEval compositional prompts (jsonl with metadata) with the per-object GenEval map."""
+    config = _dataset(base_config(), "geneval", "train_metadata.jsonl", "test_metadata.jsonl")
+    config.run_name = "sd3_geneval_map"
+    config.reward_fn = ml_collections.ConfigDict({"geneval_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"geneval_map": 1.0})
+    return config
+
+
+def sd3_pickscore_map():
+    """Human preference (PickScore) with the patch-text similarity map."""
+    config = _dataset(base_config(), "pickscore")
+    config.run_name = "sd3_pickscore_map"
+    config.reward_fn = ml_collections.ConfigDict({"pickscore_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"pickscore_map": 1.0})
+    return config
+
+
+def sd3_multi_map():
+    """Several rewards summed with weights (upstream multi-reward: 25 steps, beta 0.1)."""
+    config = sd3_pickscore_map()
+    config.run_name = "sd3_multi_map"
+    config.reward_fn = ml_collections.ConfigDict({"pickscore_map": 1.0, "clipscore_map": 1.0,
+                                                  "semantic_relative_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"pickscore_map": 1.0, "clipscore_map": 1.0})
+    config.sample.num_steps = 25
+    config.train.beta = 0.1
+    return config
+
+
+def sd3_custom_mask():
+    """A user's mask reward: per-prompt mask files listed in a jsonl ({"prompt": ..., "mask": "file.png"}).
+    Masks are already optimality probabilities, so normalization is skipped (seed §7)."""
+    config = _dataset(base_config(), "masks", "train.jsonl", "test.jsonl")
+    config.run_name = "sd3_custom_mask"
+    config.reward_fn = ml_collections.ConfigDict({"mask_file_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"mask_file_map": 1.0})
+    # Mask paths in the jsonl are relative to the dataset folder.
+    config.reward_options = ml_collections.ConfigDict(
+        {"mask_file_map": {"mask_root": os.path.join(DATASET_ROOT, "masks")}})
+    config.train.map_normalization = "none"
+    return config
+
+
+# Four regions, each with its own target: textured or flat. A localized objective (credit assignment
+# matters) that the random-weight tiny VAE can express: its decoder fixes each image's overall contrast,
+# so the reward asks to move contrast between regions rather than to change its total.
+TINY_REGIONS = [
+    {"box": [0.0, 0.0, 0.5, 0.5], "texture": 1.0},
+    {"box": [0.5, 0.0, 1.0, 0.5], "texture": 0.0},
+    {"box": [0.0, 0.5, 0.5, 1.0], "texture": 0.0},
+    {"box": [0.5, 0.5, 1.0, 1.0], "texture": 1.0},
+]
+
+
+def tiny():
+    """The embedded CPU default: the offline tiny SD3 pipeline (built on first use), a region-texture map."""
+    config = base_config()
+    config.run_name = "tiny"
+    config.device = "cpu"
+    config.mixed_precision = "no"
+    config.pretrained.model = os.path.join(REPO_ROOT, ".cache", "tiny-sd3")
+    config.pretrained.build_tiny_if_missing = True
+    config.dataset.train = os.path.join(REPO_ROOT, "config", "prompts", "tiny_train.txt")
+    config.dataset.test = os.path.join(REPO_ROOT, "config", "prompts", "tiny_test.txt")
+    config.num_epochs = 6
+    config.save_freq = 3
+    config.eval_freq = 3
+    config.lora.rank = 8
+    config.lora.alpha = 16
+    config.sample.resolution = 64
+    config.sample.num_steps = 6
+    config.sample.eval_num_steps = 6
+    config.sample.max_sequence_length = 32
+    config.sample.train_batch_size = 8
+    config.sample.test_batch_size = 8
+    config.sample.num_image_per_prompt = 4
+    config.sample.num_groups = 8
+    config.train.batch_size = 8
+    config.train.learning_rate = 1e-3
+    config.train.gradient_step_per_epoch = 2
+    config.train.cell_size = 1
+    config.reward_fn = ml_collections.ConfigDict({"region_texture_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"region_texture_map": 1.0})
+    config.reward_options = ml_collections.ConfigDict({"region_texture_map": {"regions": TINY_REGIONS}})
+    config.reward_workers = 1
+    config.logging.wandb_mode = "offline"
+    return config
+
+
+def tiny_scalar():
+    """The tiny default in scalar mode (upstream DiffusionNFT), for comparisons."""
+    config = tiny()
+    config.run_name = "tiny_scalar"
+    config.train.scalar_mode = True
+    return config
+
+
+def get_config(name):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; defined in config/u_nft.py: {', '.join(sorted(EXPERIMENTS))}")
+    return EXPERIMENTS[name]()
+
+
+EXPERIMENTS = {f.__name__: f for f in (sd3_ocr_map, sd3_scalar_baseline, sd3_geneval_map, sd3_pickscore_map,
+                                        sd3_multi_map, sd3_custom_mask, tiny, tiny_scalar)}

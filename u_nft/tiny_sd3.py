@@ -1,0 +1,208 @@
+"""A tiny random-weight ``StableDiffusion3Pipeline`` built offline, and the pipeline loader.
+
+The tiny pipeline has the real SD3.5 structure (DESIGN.md §4, FACTS.md §G) at toy sizes, so every
+code path the trainer uses (``from_pretrained``, ``encode_prompt``, PEFT LoRA, VAE decode) is the
+real diffusers one:
+
+- two ``CLIPTextModelWithProjection`` (hidden 32, projection 32) with the real CLIP BPE tokenizer;
+  no T5 (``text_encoder_3=None``): the pipeline then feeds zeros for the T5 tokens;
+- ``SD3Transformer2DModel``: 2 layers (layer 0 with dual attention, as SD3.5-Medium), 4 heads of
+  dim 8, patch 2, 16 latent channels, ``qk_norm="rms_norm"``; joint_attention_dim 64 (= the two
+  CLIP hidden sizes summed, which the pipeline zero-pads up to it), pooled_projection_dim 64 (= the
+  two projection dims summed);
+- ``AutoencoderKL``: 16 latent channels, x8 downsampling (4 blocks), no quant convs,
+  scaling_factor 1.5305 / shift_factor 0.0609 as SD3.5;
+- ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from u_nft.tiny_models import tiny_clip_text_config, write_clip_tokenizer
+
+# Written last into a finished build: its presence means the directory holds a complete pipeline.
+MARKER_NAME = ".u_nft_tiny_sd3_complete"
+_BUILD_FORMAT = 1
+
+# SD3.5 VAE latent normalisation (FACTS.md §G): decode x = z / 1.5305 + 0.0609.
+VAE_SCALING_FACTOR = 1.5305
+VAE_SHIFT_FACTOR = 0.0609
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _tiny_components(seed: int) -> dict:
+    """Instantiate every pipeline component with weights drawn from ``seed`` (global RNG untouched)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir)
+
+    clip_hidden, clip_proj = 32, 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(
+            tiny_clip_text_config(len(tokenizer), tokenizer.eos_token_id, clip_hidden, clip_proj)
+        ).eval()
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_clip_text_config(len(tokenizer_2), tokenizer_2.eos_token_id, clip_hidden, clip_proj)
+        ).eval()
+        transformer = SD3Transformer2DModel(
+            sample_size=32,  # latent side: the pipeline's default image is 32 * 8 = 256 px
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=2 * clip_hidden,
+            caption_projection_dim=4 * 8,  # = inner dim (heads x head dim), as in SD3.5
+            pooled_projection_dim=2 * clip_proj,
+            pos_embed_max_size=32,  # patches per side: up to 32 * 2 * 8 = 512 px
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ).eval()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=16,
+            sample_size=256,
+            scaling_factor=VAE_SCALING_FACTOR,
+            shift_factor=VAE_SHIFT_FACTOR,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return dict(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / MARKER_NAME).is_file()
+
+
+def _check_seed(directory: Path, seed: int) -> None:
+    recorded = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8")).get("seed")
+    if recorded != seed:
+        raise ValueError(
+            f"tiny SD3 pipeline at {directory} was built with seed={recorded}, not seed={seed}; "
+            "pass overwrite=True to rebuild it or choose another directory"
+        )
+
+
+def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build a random-weight SD3 pipeline and ``save_pretrained`` it to ``directory``; return the path.
+
+    Idempotent: a directory that already holds a complete build (marker file present) is reused,
+    unless ``overwrite``. The build goes to a sibling temporary directory, the marker is written
+    last and the directory is renamed into place, so concurrent builders and interrupted builds
+    never leave a half-written pipeline behind a marker.
+    Load it with :func:`load_sd3_pipeline` (or ``StableDiffusion3Pipeline.from_pretrained(directory,
+    text_encoder_3=None, tokenizer_3=None)``).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    directory = Path(directory).expanduser().resolve()
+    if directory.exists() and not overwrite:
+        if _is_complete(directory):
+            _check_seed(directory, seed)
+            return directory
+        if any(directory.iterdir()):
+            raise FileExistsError(
+                f"{directory} exists, is not empty and holds no complete tiny SD3 build "
+                f"(no {MARKER_NAME}); pass overwrite=True or choose another directory"
+            )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
+    try:
+        pipeline = StableDiffusion3Pipeline(**_tiny_components(seed))
+        pipeline.save_pretrained(tmp)
+        (tmp / MARKER_NAME).write_text(json.dumps({"seed": seed, "format": _BUILD_FORMAT}), encoding="utf-8")
+        if directory.exists() and (overwrite or not any(directory.iterdir())):
+            shutil.rmtree(directory)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            # Another process finished first: its build is as good as ours.
+            if not _is_complete(directory):
+                raise
+            _check_seed(directory, seed)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _has_text_encoder_3(directory: Path) -> bool:
+    """Whether a local pipeline directory declares and holds a T5 encoder."""
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        return (directory / "text_encoder_3").is_dir()
+    entry = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_3")
+    declared = isinstance(entry, (list, tuple)) and entry and entry[0] is not None
+    return bool(declared) and (directory / "text_encoder_3").is_dir()
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` in recent diffusers (``torch_dtype`` deprecated)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+def load_sd3_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``StableDiffusion3Pipeline.from_pretrained(model)`` for a hub id or a local directory.
+
+    ``model`` is ``config.pretrained.model``: e.g. ``"stabilityai/stable-diffusion-3.5-medium"``
+    or the directory written by :func:`build_tiny_sd3_pipeline`. A local pipeline without a T5
+    encoder is loaded with ``text_encoder_3=None, tokenizer_3=None`` (diffusers needs them
+    explicit); a pipeline with T5 (the real SD3.5, hub or local) keeps it.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    kwargs = {}
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"config.pretrained.model={text!r} is a local path but not a diffusers pipeline "
+                "directory (no model_index.json); give a hub id such as "
+                "'stabilityai/stable-diffusion-3.5-medium' or a directory written by save_pretrained "
+                "(scripts/make_tiny_sd3.py builds a tiny one)"
+            )
+        if not _has_text_encoder_3(path):
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        source = str(path)
+    elif _HUB_ID.match(text):
+        source = text
+    else:
+        raise FileNotFoundError(
+            f"config.pretrained.model={text!r} looks like a local path but does not exist; give an "
+            "existing pipeline directory or a hub id of the form 'owner/name' "
+            "(e.g. 'stabilityai/stable-diffusion-3.5-medium')"
+        )
+    pipeline = StableDiffusion3Pipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)

@@ -1,0 +1,182 @@
+"""The pieces of one DiffusionNFT epoch with reward maps: rollouts, reward maps -> r, forward passes, a step.
+
+The train script calls these in order (sample -> score -> normalize -> train -> update old policy).
+Each takes the values it needs, not the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from u_nft import distributed as dist
+from u_nft.lora import OLD, adapters_disabled, use_adapter
+from u_nft.loss import DenseLossOptions, u_nft_loss
+from u_nft.normalization import (
+    combine_rewards,
+    group_ids_from_keys,
+    normalize_reward_maps,
+    validate_map_range,
+)
+from u_nft.rollout import decode_latents, initial_noise, sample_latents, step_noise_generators
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- setup -----------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> this rank's CUDA device if available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def resolve_dtypes(mixed_precision: str, base_dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(frozen weight dtype, autocast dtype or None).
+
+    ``base_dtype="auto"``: bf16 frozen weights on GPU when autocasting (half the memory of upstream's
+    fp32 base, DESIGN.md §5), fp32 otherwise. Half-precision frozen weights need autocast.
+    """
+    autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    if base_dtype == "auto":
+        base = torch.bfloat16 if device.type == "cuda" and autocast is not None else torch.float32
+    else:
+        base = _DTYPES[base_dtype]
+    if base != torch.float32 and autocast is None:
+        raise ValueError(f"config.base_dtype={base_dtype!r} needs config.mixed_precision 'fp16' or 'bf16'")
+    return base, autocast
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def sample_seeds(seed: int, epoch: int, sample_indices: Sequence[int]) -> list[int]:
+    """One noise seed per sample from (run seed, epoch, index of the sample in the epoch's global order),
+    so a rollout does not depend on world size, batch composition or resumption."""
+    return [(int(seed) * 1_000_003 + int(epoch)) * 1_000_033 + int(i) for i in sample_indices]
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Rollout:
+    """One sampling batch of this rank. Latents (B, C, h, w); images (B, 3, H, W) in [0, 1]."""
+
+    prompt_indices: list[int]
+    prompts: list[str]
+    metadata: list[dict]
+    prompt_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor
+    latents: torch.Tensor
+    images: torch.Tensor
+
+
+@torch.no_grad()
+def rollout_batch(pipeline, encode, prompt_indices: Sequence[int], prompts: Sequence[str], metadata: Sequence[dict],
+                  seeds: Sequence[int], resolution: int, sigmas: torch.Tensor, solver: str, eta: float,
+                  guidance_scale: float, autocast_dtype: torch.dtype | None, negative=None,
+                  adapter: str | None = OLD) -> Rollout:
+    """Sample clean latents with the ``adapter`` policy (the old one for training rollouts; None = as is)
+    and decode them. ``encode(prompts) -> (embeds, pooled)``; ``negative``: (embeds, pooled) for CFG."""
+    transformer = pipeline.transformer
+    device = pipeline.vae.device
+    embeds, pooled = encode(list(prompts))
+    factor = pipeline.vae_scale_factor
+    noise = initial_noise(seeds, transformer.config.in_channels, resolution // factor, resolution // factor,
+                          torch.float32, device)
+    generator = step_noise_generators(seeds) if eta > 0 else None
+    neg_embeds, neg_pooled = negative if negative is not None else (None, None)
+    context = use_adapter(transformer, adapter) if adapter is not None else contextlib.nullcontext()
+    with context, autocast_context(device, autocast_dtype):
+        latents = sample_latents(transformer, embeds, pooled, noise, sigmas, solver, guidance_scale,
+                                 neg_embeds, neg_pooled, eta, generator)
+    latents = latents.float()
+    images = decode_latents(pipeline.vae, latents)
+    return Rollout(list(prompt_indices), list(prompts), list(metadata), embeds, pooled, latents, images)
+
+
+# ---- rewards -> r ------------------------------------------------------------------------------
+
+def raw_reward_grid(outputs: dict[str, Any], weights: dict[str, float], grid_hw: tuple[int, int],
+                    scalar_mode: bool) -> torch.Tensor:
+    """Weighted sum of the rewards on the location grid, (B, gh, gw).
+
+    outputs: name -> RewardOutput. Scalar mode uses each scorer's upstream scalar (a constant map),
+    which makes the whole pipeline upstream DiffusionNFT (DESIGN.md contract 5).
+    """
+    components = {name: (out.scores if scalar_mode else out.maps) for name, out in outputs.items()}
+    return combine_rewards(components, weights, grid_hw)
+
+
+def rewards_to_r(raw_grid: torch.Tensor, prompts: Sequence[str], normalization: str, adv_clip_max: float,
+                 scale: str, sigma_min: float, fixed_scale: float, reward_name: str = "reward_fn") -> torch.Tensor:
+    """This rank's raw grids (B, gh, gw) -> this rank's r (B, gh, gw), normalized over the prompt groups
+    of all ranks (gathered; every rank must pass the same B)."""
+    if normalization == "none":
+        validate_map_range(reward_name, raw_grid)
+        return raw_grid.float()
+    all_raw = dist.all_gather_tensor(raw_grid.float().contiguous())
+    all_prompts = [p for chunk in dist.all_gather_object(list(prompts)) for p in chunk]
+    r_all = normalize_reward_maps(all_raw, group_ids_from_keys(all_prompts), adv_clip_max, scale, sigma_min,
+                                  fixed_scale)
+    b = raw_grid.shape[0]
+    start = dist.rank() * b
+    return r_all[start:start + b].to(raw_grid.device)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def timestep_permutations(batch_size: int, num_steps: int, num_train_timesteps: int,
+                          generator: torch.Generator) -> torch.Tensor:
+    """(B, num_train_timesteps) indices into the sampler's timesteps: a random permutation per sample,
+    first ``num_train_timesteps`` kept (upstream DiffusionNFT)."""
+    return torch.stack([torch.randperm(num_steps, generator=generator)[:num_train_timesteps]
+                        for _ in range(batch_size)])
+
+
+def predict_velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                     pooled: torch.Tensor) -> torch.Tensor:
+    """v prediction (B, C, h, w) of the currently active adapter; timestep fed as t * 1000 (float)."""
+    return transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                       timestep=t * 1000, return_dict=False)[0]
+
+
+def policy_predictions(transformer, x_t, t, prompt_embeds, pooled, need_ref: bool):
+    """(v_theta with grad, v_old, v_ref or None): trained adapter, old adapter, adapters disabled."""
+    with torch.no_grad():
+        with use_adapter(transformer, OLD):
+            v_old = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
+        v_ref = None
+        if need_ref:
+            with adapters_disabled(transformer):
+                v_ref = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
+    v_theta = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
+    return v_theta, v_old, v_ref
+
+
+def micro_step_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                    prompt_embeds: torch.Tensor, pooled: torch.Tensor, options: DenseLossOptions,
+                    autocast_dtype: torch.dtype | None, generator: torch.Generator | None = None):
+    """Forward passes on x_t = (1 - t) x0 + t eps and the dense loss. Returns (loss, diagnostics)."""
+    t4 = t.view(-1, 1, 1, 1)
+    x_t = (1 - t4) * x0 + t4 * noise
+    with autocast_context(x0.device, autocast_dtype):
+        v_theta, v_old, v_ref = policy_predictions(transformer, x_t, t, prompt_embeds, pooled,
+                                                   need_ref=options.kl_weight > 0)
+    return u_nft_loss(v_theta, v_old, x0, t, r, options, x_t=x_t, v_ref=v_ref, generator=generator)
+
+
+def mean_diagnostics(history: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Average a list of diagnostics dicts into floats (and over ranks)."""
+    if not history:
+        return {}
+    keys = sorted(history[0])
+    local = torch.stack([torch.stack([h[k].float().cpu() for h in history]).mean() for k in keys])
+    gathered = dist.all_gather_tensor(local.unsqueeze(0)).mean(dim=0)
+    return {k: float(v) for k, v in zip(keys, gathered)}
