@@ -123,9 +123,7 @@ def main(_):
     device = resolve_device(config.device)
     base_dtype, autocast_dtype = resolve_dtypes(config.mixed_precision, config.base_dtype, device)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-    random.seed(config.seed + dist.rank())
-    np.random.seed(config.seed + dist.rank())
-    torch.manual_seed(config.seed + dist.rank())
+    torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
     run_dir = make_run_dir(config)
     is_main = dist.is_main()
     if is_main:
@@ -143,6 +141,11 @@ def main(_):
                                   weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16 and device.type == "cuda")
     ema = EMA(params) if config.train.ema else None
+    # Rollout noise, timesteps and shuffles use their own seeded generators; the global RNGs differ per
+    # rank only for whatever else draws from them.
+    random.seed(config.seed + dist.rank())
+    np.random.seed(config.seed + dist.rank())
+    torch.manual_seed(config.seed + dist.rank())
     options = loss_options(config.train)
     train_rewards = RewardSet(dict(config.reward_fn), config.reward_options.to_dict(), device, torch.float32,
                               config.reward_workers)

@@ -1,0 +1,262 @@
+"""End-to-end checks of scripts/train_u_nft_sd3.py on the offline tiny SD3 pipeline (real script, real models)."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_u_nft_sd3.py"
+CONFIG = f"{REPO / 'config' / 'u_nft.py'}:tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_run_args(logdir, tiny_dir, name, *extra, epochs=2, batch=8):
+    """The tiny config shrunk to 16 images per epoch, 4 sampling steps, an optimizer step per epoch."""
+    return ["--config", CONFIG, f"--config.logdir={logdir}", f"--config.run_name={name}",
+            f"--config.pretrained.model={tiny_dir}", f"--config.num_epochs={epochs}",
+            "--config.sample.num_groups=4", "--config.sample.num_image_per_prompt=4",
+            f"--config.sample.train_batch_size={batch}", f"--config.train.batch_size={batch}",
+            "--config.sample.num_steps=4", "--config.sample.eval_num_steps=4",
+            "--config.train.gradient_step_per_epoch=1", "--config.save_freq=1", "--config.eval_freq=2",
+            "--config.dataset.max_test_prompts=4", "--config.logging.num_log_images=4", *extra]
+
+
+def run_script(args, nproc=1, expect_ok=True):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(SCRIPT), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_config():
+    """config/u_nft.py:tiny, loaded by path as ml_collections' config flag does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("u_nft_configs", REPO / "config" / "u_nft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny()
+
+
+def checkpoint_tensors(run_dir, step):
+    from u_nft.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / "checkpoints" / f"checkpoint-{step}")
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory, tiny_sd3_dir):
+    logdir = tmp_path_factory.mktemp("runs")
+    run_script(small_run_args(logdir, tiny_sd3_dir, "full"))
+    return logdir / "full"
+
+
+def test_tiny_run_writes_finite_metrics_images_and_checkpoints(two_epoch_run):
+    from u_nft.run_logging import read_metrics
+
+    records = read_metrics(two_epoch_run)
+    train = [r for r in records if "train/policy_loss" in r]
+    assert [r["epoch"] for r in train] == [0, 1]
+    for r in train:
+        assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float))
+        assert 0 < r["train/policy_loss"] and 0.0 <= r["train/mean_r"] <= 1.0
+    assert any("eval/region_texture_map/mean" in r for r in records)
+    images = sorted(p.name for p in (two_epoch_run / "images").glob("*.png"))
+    assert "epoch0000_train_r.png" in images and any("eval" in name for name in images)
+    assert sorted(p.name for p in (two_epoch_run / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_lora_trains_and_old_policy_follows_the_decay_rule(two_epoch_run):
+    from u_nft.ema import old_policy_decay
+
+    first, second = checkpoint_tensors(two_epoch_run, 1), checkpoint_tensors(two_epoch_run, 2)
+    assert (second.state.epoch, second.state.global_step) == (2, 2)
+    default, old1, old2 = second.tensors["lora_default"], first.tensors["lora_old"], second.tensors["lora_old"]
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in default.items())
+    d = old_policy_decay(2, 1)
+    for key in default:
+        torch.testing.assert_close(old2[key], d * old1[key] + (1 - d) * default[key], rtol=0, atol=1e-6)
+
+
+def test_checkpoint_lora_loads_in_diffusers_and_matches_our_adapter(two_epoch_run, tiny_sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from u_nft.lora import add_lora_adapters, load_lora_state, read_lora_file
+    from u_nft.tiny_sd3 import load_sd3_pipeline
+
+    lora_dir = two_epoch_run / "checkpoints" / "checkpoint-2" / "lora"
+    keys = load_file(lora_dir / "pytorch_lora_weights.safetensors").keys()
+    assert keys and all("lora" in k for k in keys)
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 109, pipe.transformer.config.joint_attention_dim),
+                  pooled_projections=torch.randn(2, pipe.transformer.config.pooled_projection_dim),
+                  timestep=torch.tensor([500.0, 900.0]), return_dict=False)
+    with torch.no_grad():
+        base = pipe.transformer(**inputs)[0]
+        pipe.load_lora_weights(lora_dir)
+        diffusers_out = pipe.transformer(**inputs)[0]
+    assert (diffusers_out - base).abs().max() > 1e-6
+
+    ours = load_sd3_pipeline(tiny_sd3_dir).transformer
+    add_lora_adapters(ours, rank=8, alpha=16, target_modules=list(tiny_config().lora.target_modules))
+    load_lora_state(ours, "default", read_lora_file(lora_dir))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs)[0], diffusers_out, rtol=1e-5, atol=1e-5)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted_run(two_epoch_run, tiny_sd3_dir):
+    logdir = two_epoch_run.parent
+    run_script(small_run_args(logdir, tiny_sd3_dir, "resumed", "--stop_after_epochs=1"))
+    assert not (logdir / "resumed" / "checkpoints" / "checkpoint-2").exists()
+    run_script(small_run_args(logdir, tiny_sd3_dir, "resumed", f"--config.resume_from={logdir / 'resumed'}"))
+    full, resumed = checkpoint_tensors(two_epoch_run, 2), checkpoint_tensors(logdir / "resumed", 2)
+    assert full.state == resumed.state
+    assert sorted(full.tensors) == sorted(resumed.tensors)
+    for name in full.tensors:  # LoRA, old LoRA, EMA, optimizer, scaler: bit for bit
+        assert_identical(full.tensors[name], resumed.tensors[name], name)
+
+
+def assert_identical(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert sorted(a, key=str) == sorted(b, key=str), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_two_process_torchrun_ranks_agree(tmp_path, tiny_sd3_dir):
+    """gloo, 2 ranks: the run completes; saving checks that both ranks hold identical LoRA weights."""
+    proc = run_script(small_run_args(tmp_path, tiny_sd3_dir, "ddp", epochs=1, batch=4), nproc=2)
+    assert (tmp_path / "ddp" / "checkpoints" / "checkpoint-1" / "lora").is_dir()
+    assert "world_size=2" in proc.stdout
+
+
+def _normalize_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK="0")
+    import torch.distributed
+
+    from u_nft import distributed as dist
+    from u_nft.training import rewards_to_r
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    raw = torch.arange(24, dtype=torch.float32).view(2, 3, 4) * (rank + 1) ** 2
+    prompts = ["a", "b"] if rank == 0 else ["b", "a"]
+    r = rewards_to_r(raw, prompts, "group", 5.0, "global", 1e-2, 1.0)
+    torch.save(r, Path(out_dir) / f"r{dist.rank()}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_normalize_over_the_gathered_groups(tmp_path):
+    import torch.multiprocessing as mp
+
+    from u_nft.normalization import group_ids_from_keys, normalize_reward_maps
+
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_normalize_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    raw = torch.cat([torch.arange(24, dtype=torch.float32).view(2, 3, 4) * (k + 1) ** 2 for k in range(2)])
+    expected = normalize_reward_maps(raw, group_ids_from_keys(["a", "b", "b", "a"]))
+    got = torch.cat([torch.load(tmp_path / f"r{k}.pt") for k in range(2)])
+    torch.testing.assert_close(got, expected)
+
+
+def test_scalar_mode_step_equals_handwritten_diffusion_nft(tiny_sd3_dir):
+    """Scalar mode (constant maps through combine -> normalize -> dense loss) gives upstream's gradient."""
+    from upstream_reference import upstream_advantage_r, upstream_scalar_loss
+
+    from reward_maps.base import RewardOutput
+    from u_nft.lora import OLD, adapters_disabled, add_lora_adapters, trainable_parameters, use_adapter
+    from u_nft.loss import DenseLossOptions
+    from u_nft.rollout import encode_prompts
+    from u_nft.tiny_sd3 import load_sd3_pipeline
+    from u_nft.training import micro_step_loss, predict_velocity, raw_reward_grid, rewards_to_r
+
+    torch.manual_seed(0)
+    pipe = load_sd3_pipeline(tiny_sd3_dir)
+    transformer = pipe.transformer
+    add_lora_adapters(transformer, rank=4, alpha=8, target_modules=["attn.to_q", "attn.to_v", "attn.to_out.0"])
+    params = trainable_parameters(transformer)
+    with torch.no_grad():  # make trained, old and reference policies all differ
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["a cat", "a cat", "a dog", "a dog", "a dog", "a cat"]
+    scores = torch.tensor([0.3, 0.9, 0.2, 0.25, 0.8, 0.5])
+    outputs = {"score": RewardOutput(torch.rand(6, 64, 64), scores, [{}] * 6)}
+    r = rewards_to_r(raw_reward_grid(outputs, {"score": 2.0}, (4, 4), scalar_mode=True), prompts,
+                     "group", 5.0, "global", 1e-2, 1.0)
+    embeds, pooled = encode_prompts(pipe, prompts, 32, "cpu")
+    x0, noise = torch.randn(6, 16, 8, 8), torch.randn(6, 16, 8, 8)
+    t = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.3, 0.1])
+    options = DenseLossOptions(beta=0.5, kl_weight=0.1, cell_size=2)
+
+    loss, _ = micro_step_loss(transformer, x0, noise, t, r, embeds, pooled, options, None)
+    loss.backward()
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        with use_adapter(transformer, OLD):
+            v_old = predict_velocity(transformer, x_t, t, embeds, pooled)
+        with adapters_disabled(transformer):
+            v_ref = predict_velocity(transformer, x_t, t, embeds, pooled)
+    v_theta = predict_velocity(transformer, x_t, t, embeds, pooled)
+    r_upstream = torch.tensor(upstream_advantage_r(prompts, (2.0 * scores).numpy()), dtype=torch.float32)
+    expected = upstream_scalar_loss(v_theta, v_old, v_ref, x0, noise, t, r_upstream, 0.5, 0.1, 5.0)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    for got, p in zip(ours, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.sample.num_groups=3", "sample.num_groups"),
+    ("--config.train.cell_size=3", "config.train.cell_size"),
+    ("--config.dataset.train=/nonexistent/prompts.txt", "config.dataset.train"),
+    ("--config.sample.solver=euler", "config.sample.solver"),
+])
+def test_bad_config_fails_fast_naming_the_key(tmp_path, override, message):
+    proc = run_script(["--config", CONFIG, f"--config.logdir={tmp_path}", override], expect_ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_unknown_reward_name_lists_the_registered_scorers():
+    import ml_collections
+
+    from u_nft.config_utils import ConfigError, validate_config
+
+    config = tiny_config()
+    config.reward_fn = ml_collections.ConfigDict({"no_such_reward": 1.0})
+    with pytest.raises(ConfigError, match="config.reward_fn: unknown reward scorer 'no_such_reward'; registered: .*ocr_map"):
+        validate_config(config, world_size=1)
