@@ -225,8 +225,9 @@ def local_contrast(image: torch.Tensor, window: int) -> torch.Tensor:
     luma = torch.tensor(LUMA, dtype=image.dtype, device=image.device).reshape(3, 1, 1)
     y = (image * luma).sum(dim=0, keepdim=True)
     mean = torch.nn.functional.avg_pool2d(y, window)
-    mean_sq = torch.nn.functional.avg_pool2d(y * y, window)
-    return (mean_sq - mean * mean).clamp(min=0).sqrt()[0]
+    # Two-pass variance: E[y^2] - E[y]^2 cancels in fp32 and reports texture on flat blocks.
+    centred = y - mean.repeat_interleave(window, dim=1).repeat_interleave(window, dim=2)
+    return torch.nn.functional.avg_pool2d(centred.square(), window).sqrt()[0]
 
 
 def texture_match(image: torch.Tensor, target: float, window: int = 4, contrast_scale: float = 0.15) -> torch.Tensor:

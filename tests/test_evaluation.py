@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from u_nft.evaluation import (eval_seed, evaluate_prompts, format_summary, load_eval_lora, map_statistics,
+from u_nft.evaluation import (eval_seed, format_summary, load_eval_lora, map_statistics,
                               write_json_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,8 @@ def test_uneven_split_over_two_ranks_matches_one_process(runs, tiny_sd3_dir, ass
     args = ["--model", str(tiny_sd3_dir), "--dataset", "pickscore", "--dataset_path", str(DATA / "pickscore" / "test.txt"),
             "--scorer_options", _pick_options(assets), *COMMON, "--max_prompts", "5", "--save_images", "--batch_size", "3"]
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    data, out = _run(args, tmp_path / "two_ranks", launcher)
+    out = tmp_path / "two_ranks"
+    data, _ = _run(args, out, launcher)
     assert data["world_size"] == 2 and data["command"].startswith("torchrun --nproc_per_node=2 scripts/evaluation.py")
     assert len(data["samples"]) == 5 and [s["index"] for s in data["samples"]] == list(range(5))
     assert [s["seed"] for s in data["samples"]] == [s["seed"] for s in base["samples"]]

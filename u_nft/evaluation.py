@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from u_nft import distributed as dist
 from u_nft.training import rollout_batch
 
-EVAL_EPOCH = -1  # kept for callers that import it; evaluation seeds come from eval_seed
 _EVAL_STREAM = 0x45564C  # "EVL": keeps evaluation seeds apart from any other use of SeedSequence([seed, ...])
 NEUTRAL_TOL = 1e-3
 
