@@ -92,19 +92,13 @@ def sd3_custom_mask():
     return config
 
 
-# Four regions, each with its own target: textured or flat. A localized objective (credit assignment
-# matters) that the random-weight tiny VAE can express: its decoder fixes each image's overall contrast,
-# so the reward asks to move contrast between regions rather than to change its total.
-TINY_REGIONS = [
-    {"box": [0.0, 0.0, 0.5, 0.5], "texture": 1.0},
-    {"box": [0.5, 0.0, 1.0, 0.5], "texture": 0.0},
-    {"box": [0.0, 0.5, 0.5, 1.0], "texture": 0.0},
-    {"box": [0.5, 0.5, 1.0, 1.0], "texture": 1.0},
-]
+# A region-colour mask: red inside the centre box, no signal (r = 1/2) outside. The tiny pipeline's
+# pretrained transformer samples random quadrant colours; RL has to move the centre towards red.
+TINY_REGIONS = [{"box": [0.25, 0.25, 0.75, 0.75], "color": [1.0, 0.1, 0.1]}]
 
 
 def tiny():
-    """The embedded CPU default: the offline tiny SD3 pipeline (built on first use), a region-texture map."""
+    """The embedded CPU default: the offline tiny SD3 pipeline (built on first use), a region-colour mask."""
     config = base_config()
     config.run_name = "tiny"
     config.device = "cpu"
@@ -113,9 +107,9 @@ def tiny():
     config.pretrained.build_tiny_if_missing = True
     config.dataset.train = os.path.join(REPO_ROOT, "config", "prompts", "tiny_train.txt")
     config.dataset.test = os.path.join(REPO_ROOT, "config", "prompts", "tiny_test.txt")
-    config.num_epochs = 6
-    config.save_freq = 3
-    config.eval_freq = 3
+    config.num_epochs = 10
+    config.save_freq = 5
+    config.eval_freq = 5
     config.lora.rank = 8
     config.lora.alpha = 16
     config.sample.resolution = 64
@@ -127,12 +121,12 @@ def tiny():
     config.sample.num_image_per_prompt = 4
     config.sample.num_groups = 8
     config.train.batch_size = 8
-    config.train.learning_rate = 1e-3
-    config.train.gradient_step_per_epoch = 2
+    config.train.learning_rate = 1e-2
+    config.train.gradient_step_per_epoch = 4
     config.train.cell_size = 1
-    config.reward_fn = ml_collections.ConfigDict({"region_texture_map": 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({"region_texture_map": 1.0})
-    config.reward_options = ml_collections.ConfigDict({"region_texture_map": {"regions": TINY_REGIONS}})
+    config.reward_fn = ml_collections.ConfigDict({"region_color_map": 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({"region_color_map": 1.0})
+    config.reward_options = ml_collections.ConfigDict({"region_color_map": {"regions": TINY_REGIONS}})
     config.reward_workers = 1
     config.logging.wandb_mode = "offline"
     return config

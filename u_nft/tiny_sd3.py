@@ -13,6 +13,17 @@ real diffusers one:
 - ``AutoencoderKL``: 16 latent channels, x8 downsampling (4 blocks), no quant convs,
   scaling_factor 1.5305 / shift_factor 0.0609 as SD3.5;
 - ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+
+Random weights alone make a poor stand-in for a pretrained model: a random VAE decoder's GroupNorms
+leave local image statistics almost unpredictable from the local latent (R² ≈ 0.01), and a random
+transformer has no distribution worth reweighting, so no reward can rise. Two principled fixes make
+the tiny model behave like a (very) small pretrained one, through the same code paths:
+
+- a *transparent decoder*: identity convolutions and zeroed residual branches, so latent channels
+  0-2 decode to RGB (nearest upsampling, then the decoder's final GroupNorm + SiLU);
+- a short flow-matching *pretraining* of the transformer (``pretrain_steps``) on synthetic latents
+  whose four quadrants carry random colours, so it samples a diverse distribution with spatial
+  structure that RL can reweight.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ from u_nft.tiny_models import tiny_clip_text_config, write_clip_tokenizer
 
 # Written last into a finished build: its presence means the directory holds a complete pipeline.
 MARKER_NAME = ".u_nft_tiny_sd3_complete"
-_BUILD_FORMAT = 1
+_BUILD_FORMAT = 2  # bump when the built weights change: older builds are rebuilt
 
 # SD3.5 VAE latent normalisation (FACTS.md §G): decode x = z / 1.5305 + 0.0609.
 VAE_SCALING_FACTOR = 1.5305
@@ -96,8 +107,89 @@ def _tiny_components(seed: int) -> dict:
     )
 
 
+def _identity_conv_(conv: torch.nn.Conv2d) -> None:
+    """Set a conv to pass channel c to channel c (centre tap 1) for c < min(in, out); zero elsewhere."""
+    conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+    centre = conv.weight.shape[-1] // 2
+    for c in range(min(conv.weight.shape[0], conv.weight.shape[1])):
+        conv.weight[c, c, centre, centre] = 1.0
+
+
+@torch.no_grad()
+def make_decoder_transparent(vae) -> None:
+    """Turn the VAE decoder into nearest upsampling of latent channels 0-2 to RGB (in place).
+
+    Identity ``conv_in`` / upsampler convs / shortcut convs / ``conv_out``; zeroed second conv of every
+    residual block and zeroed attention output, so those blocks are identities. Only the final
+    GroupNorm + SiLU remain: colour differences between channels and places survive decoding.
+    """
+    decoder = vae.decoder
+    _identity_conv_(decoder.conv_in)
+    _identity_conv_(decoder.conv_out)
+    for module in decoder.modules():
+        kind = type(module).__name__
+        if kind == "ResnetBlock2D":
+            module.conv2.weight.zero_()
+            module.conv2.bias.zero_()
+            if module.conv_shortcut is not None:
+                _identity_conv_(module.conv_shortcut)
+        elif kind == "Attention":
+            module.to_out[0].weight.zero_()
+            module.to_out[0].bias.zero_()
+        elif kind == "Upsample2D":
+            _identity_conv_(module.conv)
+
+
+def quadrant_latents(batch: int, vae_config, generator: torch.Generator, side: int = 8,
+                     channels: int = 16) -> torch.Tensor:
+    """Synthetic SD3 latents (batch, channels, side, side): each quadrant of channels 0-2 a random value
+    in [-1.5, 1.5] (+ 0.05 noise), other channels ~0, expressed in the pipeline's latent normalisation
+    (the decoder sees z / scaling_factor + shift_factor)."""
+    values = torch.rand(batch, 3, 2, 2, generator=generator) * 3 - 1.5
+    decoder_input = torch.zeros(batch, channels, side, side)
+    decoder_input[:, :3] = values.repeat_interleave(side // 2, dim=2).repeat_interleave(side // 2, dim=3)
+    decoder_input += 0.05 * torch.randn(decoder_input.shape, generator=generator)
+    return (decoder_input - vae_config.shift_factor) * vae_config.scaling_factor
+
+
+def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: float = 1e-3) -> float:
+    """Flow matching (x_t = (1 - t) x0 + t eps, target eps - x0, t ~ logit-normal as SD3) of the whole
+    transformer on :func:`quadrant_latents`, prompts from a small fixed list. Returns the last loss."""
+    from u_nft.rollout import encode_prompts
+
+    transformer = pipeline.transformer
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [f"a picture of {thing}" for thing in ("a cat", "a house", "a tree", "a car", "the sea", "a flower",
+                                                      "a city", "a road", "a lake", "a dog", "a boat", "a hill",
+                                                      "a lamp", "a chair", "a cup", "a bird")]
+    with torch.no_grad():
+        embeds, pooled = encode_prompts(pipeline, prompts[:batch], max_sequence_length=32)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    transformer.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        x0 = quadrant_latents(batch, pipeline.vae.config, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(batch, generator=generator))
+        t4 = t.view(-1, 1, 1, 1)
+        v = transformer(hidden_states=(1 - t4) * x0 + t4 * noise, encoder_hidden_states=embeds,
+                        pooled_projections=pooled, timestep=t * 1000, return_dict=False)[0]
+        loss = (v - (noise - x0)).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    transformer.eval().requires_grad_(False)
+    return float(loss.detach())
+
+
 def _is_complete(directory: Path) -> bool:
-    return (directory / MARKER_NAME).is_file()
+    """A finished build of the current format (older formats count as incomplete and are rebuilt)."""
+    marker = directory / MARKER_NAME
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text(encoding="utf-8")).get("format") == _BUILD_FORMAT
 
 
 def _check_seed(directory: Path, seed: int) -> None:
@@ -109,8 +201,10 @@ def _check_seed(directory: Path, seed: int) -> None:
         )
 
 
-def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build a random-weight SD3 pipeline and ``save_pretrained`` it to ``directory``; return the path.
+def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False,
+                            pretrain_steps: int = 400) -> Path:
+    """Build the tiny SD3 pipeline (random weights, transparent decoder, ``pretrain_steps`` of
+    flow-matching pretraining; see the module doc) and ``save_pretrained`` it; return the path.
 
     Idempotent: a directory that already holds a complete build (marker file present) is reused,
     unless ``overwrite``. The build goes to a sibling temporary directory, the marker is written
@@ -126,7 +220,9 @@ def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwri
         if _is_complete(directory):
             _check_seed(directory, seed)
             return directory
-        if any(directory.iterdir()):
+        if (directory / MARKER_NAME).is_file():
+            overwrite = True  # our own build of an older format: rebuild it
+        elif any(directory.iterdir()):
             raise FileExistsError(
                 f"{directory} exists, is not empty and holds no complete tiny SD3 build "
                 f"(no {MARKER_NAME}); pass overwrite=True or choose another directory"
@@ -136,6 +232,9 @@ def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwri
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     try:
         pipeline = StableDiffusion3Pipeline(**_tiny_components(seed))
+        make_decoder_transparent(pipeline.vae)
+        with torch.random.fork_rng(devices=[]):
+            pretrain_on_quadrants(pipeline, pretrain_steps, seed)
         pipeline.save_pretrained(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps({"seed": seed, "format": _BUILD_FORMAT}), encoding="utf-8")
         if directory.exists() and (overwrite or not any(directory.iterdir())):
