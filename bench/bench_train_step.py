@@ -49,7 +49,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import inspect
 import os
 import platform
 import statistics
@@ -61,7 +60,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, uninstalled too
 from u_nft import lora  # noqa: E402
-from u_nft.fast_policy import MergedOldPolicy, compile_in_place, policy_predictions_merged  # noqa: E402
+from u_nft.fast_policy import MergedOldPolicy, compile_in_place  # noqa: E402
 from u_nft.loss import DenseLossOptions, u_nft_loss  # noqa: E402
 from u_nft.rollout import sample_latents  # noqa: E402
 from u_nft.solvers import sd3_sigmas  # noqa: E402
@@ -250,25 +249,10 @@ class Path:
     old_policy: MergedOldPolicy | None = None
 
 
-def merged_micro_step_loss(transformer, old_policy, x0, noise, t, r, embeds, pooled, options, autocast_dtype):
-    """``u_nft.training.micro_step_loss`` with v_old from the merged copy (used until the trainer's own
-    function takes an ``old_policy`` argument; then the bench calls that)."""
-    t4 = t.view(-1, 1, 1, 1)
-    x_t = (1 - t4) * x0 + t4 * noise
-    with torch.autocast(x0.device.type, dtype=autocast_dtype):
-        v_theta, v_old, v_ref = policy_predictions_merged(transformer, old_policy, x_t, t, embeds, pooled,
-                                                          need_ref=options.kl_weight > 0)
-    return u_nft_loss(v_theta, v_old, x0, t, r, options, x_t=x_t, v_ref=v_ref)
-
-
 def step_loss(transformer, path: Path, batch: Batch, r: torch.Tensor, options: DenseLossOptions):
     embeds, pooled = batch.embeds.to(path.base_dtype), batch.pooled.to(path.base_dtype)
     args = (batch.x0, batch.noise, batch.t, r, embeds, pooled, options, path.autocast)
-    if path.old_policy is None:
-        return micro_step_loss(transformer, *args)[0]
-    if "old_policy" in inspect.signature(micro_step_loss).parameters:
-        return micro_step_loss(transformer, *args, old_policy=path.old_policy)[0]
-    return merged_micro_step_loss(transformer, path.old_policy, *args)[0]
+    return micro_step_loss(transformer, *args, old_policy=path.old_policy)[0]
 
 
 def train_step_fn(transformer, path: Path, batch: Batch, r: torch.Tensor, options: DenseLossOptions,

@@ -23,7 +23,7 @@ def get_config():
     config.checkpoints_total_limit = 5    # keep the newest N checkpoints
     config.resume_from = ""               # checkpoint dir, or run dir (-> its latest checkpoint); "" = fresh
     config.mixed_precision = "fp16"       # "no" | "fp16" | "bf16": autocast dtype of the trained forward
-    config.base_dtype = "auto"            # frozen weights: "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    config.base_dtype = "auto"            # frozen weights: "auto" (the autocast dtype on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     config.allow_tf32 = True              # TF32 matmuls on Ampere+
     config.device = "auto"                # "auto" (cuda if available) | "cpu" | "cuda"
 
@@ -93,6 +93,8 @@ def get_config():
     train.decay_type = 1                  # old-policy EMA schedule 0 | 1 | 2 (FACTS.md §F)
     train.ema = True                      # EMA of the trained LoRA for evaluation and export
     train.gradient_checkpointing = False  # trade compute for memory in the transformer
+    train.old_policy = "auto"             # v_old and rollouts: "adapter" (LoRA "old") | "merged" (a copy with the
+                                          # old LoRA merged, re-merged after each update) | "auto" (merged on GPU)
 
     # ---- rewards ----
     config.reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})  # name -> weight (weighted sum); "pkg.mod:fn" for your own

@@ -25,6 +25,7 @@ from u_nft.config_utils import loss_options, validate_config
 from u_nft.data import KRepeatSampler, load_prompts
 from u_nft.ema import EMA, old_policy_decay
 from u_nft.evaluation import evaluate_prompts, summarize_scores
+from u_nft.fast_policy import MergedOldPolicy
 from u_nft.lora import (OLD, TRAINABLE, add_lora_adapters, load_lora_state, lora_state_dict, save_lora_diffusers,
                         soft_update_old, trainable_parameters)
 from u_nft.rollout import encode_prompts, negative_embeddings
@@ -51,8 +52,9 @@ def load_models(config, device, base_dtype):
     transformer = pipeline.transformer
     add_lora_adapters(transformer, config.lora.rank, config.lora.alpha, list(config.lora.target_modules),
                       config.lora.init, config.lora.init_path or None)
-    for p in trainable_parameters(transformer):
-        p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # both LoRAs in fp32 whatever the base dtype (the old one is EMA-mixed)
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return pipeline
@@ -175,6 +177,8 @@ def main(_):
     if config.resume_from:
         state = restore(config, state, transformer, optimizer, scaler, ema)
         sampler.load_state_dict(state.sampler)  # refuses a changed seed or group sizes
+    use_merged = config.train.old_policy == "merged" or config.train.old_policy == "auto" and device.type == "cuda"
+    old_policy = MergedOldPolicy(transformer) if use_merged else None  # built after resume: it copies the old LoRA
     logger = RunLogger(run_dir, config, config.logging.wandb_mode, config.logging.wandb_project,
                        config.run_name) if is_main else None
     epochs_run = 0
@@ -190,7 +194,7 @@ def main(_):
             batch_negative = tuple(x.expand(len(indices), *x.shape[1:]) for x in negative) if negative else None
             ro = rollout_batch(pipeline, encode, indices, [prompts[i] for i in indices], [metadata[i] for i in indices],
                                seeds, config.sample.resolution, sigmas, config.sample.solver, config.sample.eta,
-                               config.sample.guidance_scale, autocast_dtype, batch_negative)
+                               config.sample.guidance_scale, autocast_dtype, batch_negative, old_policy=old_policy)
             rollouts.append(ro)
             pending.append(train_rewards.submit(ro.images, ro.prompts, ro.metadata))
         outputs = [p.result() for p in pending]
@@ -222,7 +226,7 @@ def main(_):
                     t = train_t[perms[:, j]].to(device)
                     noise = torch.randn(x0[idx].shape, generator=generator).to(device)
                     loss, diag = micro_step_loss(transformer, x0[idx], noise, t, r[idx], embeds[idx], pooled[idx],
-                                                 options, autocast_dtype, generator)
+                                                 options, autocast_dtype, generator, old_policy)
                     scaler.scale(loss / sizes.accumulation_steps).backward()
                     history.append(diag)
                     micro += 1
@@ -241,6 +245,8 @@ def main(_):
         # Update the old policy, log, evaluate, save
         decay = old_policy_decay(state.global_step, config.train.decay_type)
         soft_update_old(transformer, decay)
+        if old_policy is not None:
+            old_policy.refresh(transformer)
         state.epoch = epoch + 1
         sampler.set_epoch(epoch + 1)
         state.sampler = sampler.state_dict()

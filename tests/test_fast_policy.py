@@ -6,7 +6,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from u_nft import lora
-from u_nft.fast_policy import MergedOldPolicy, merged_weight, old_and_reference_velocities, policy_predictions_merged
+from u_nft.fast_policy import MergedOldPolicy, merged_weight
 from u_nft.loss import DenseLossOptions, u_nft_loss
 from u_nft.rollout import sample_latents
 from u_nft.solvers import sd3_sigmas
@@ -177,7 +177,7 @@ def test_trainable_gradients_unchanged_by_merged_old_policy():
         model, lambda x_t, t: policy_predictions(model, x_t, t, embeds, pooled, need_ref=True), inputs, r)
     policy = MergedOldPolicy(model)
     loss_b, grads_b = loss_and_grads(
-        model, lambda x_t, t: policy_predictions_merged(model, policy, x_t, t, embeds, pooled, need_ref=True),
+        model, lambda x_t, t: policy_predictions(model, x_t, t, embeds, pooled, need_ref=True, old_policy=policy),
         inputs, r)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.active_adapters() == [lora.TRAINABLE]
@@ -192,14 +192,15 @@ def test_reference_velocity_is_the_base_model():
     inputs = make_inputs()
     t = inputs["timestep"] / 1000
     policy = MergedOldPolicy(model)
-    v_old, v_ref = old_and_reference_velocities(policy, model, inputs["hidden_states"], t,
-                                                inputs["encoder_hidden_states"], inputs["pooled_projections"], True)
+    embeds, pooled = inputs["encoder_hidden_states"], inputs["pooled_projections"]
+    with torch.no_grad():
+        _, v_old, v_ref = policy_predictions(model, inputs["hidden_states"], t, embeds, pooled, True, old_policy=policy)
+        _, _, no_ref = policy_predictions(model, inputs["hidden_states"], t, embeds, pooled, False, old_policy=policy)
     with torch.no_grad(), lora.adapters_disabled(model):
         expected_ref = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(v_ref, expected_ref)
     assert rel_err(v_old, adapter_old(model, inputs)) < 1e-5
-    assert old_and_reference_velocities(policy, model, inputs["hidden_states"], t, inputs["encoder_hidden_states"],
-                                        inputs["pooled_projections"], False)[1] is None
+    assert no_ref is None
 
 
 def test_errors_name_the_culprit():

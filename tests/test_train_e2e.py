@@ -151,6 +151,16 @@ def assert_identical(a, b, where):
         assert a == b, where
 
 
+def test_merged_old_policy_trains_like_the_old_adapter(two_epoch_run, tiny_sd3_dir):
+    """train.old_policy=merged (the GPU default) follows the adapter path up to float rounding."""
+    logdir = two_epoch_run.parent
+    run_script(small_run_args(logdir, tiny_sd3_dir, "merged", "--config.train.old_policy=merged"))
+    adapter, merged = checkpoint_tensors(two_epoch_run, 2), checkpoint_tensors(logdir / "merged", 2)
+    for name in ("lora_default", "lora_old"):
+        for key, value in adapter.tensors[name].items():
+            torch.testing.assert_close(merged.tensors[name][key], value, rtol=1e-3, atol=1e-4)
+
+
 def test_two_process_torchrun_ranks_agree(tmp_path, tiny_sd3_dir):
     """gloo, 2 ranks: the run completes; saving checks that both ranks hold identical LoRA weights."""
     proc = run_script(small_run_args(tmp_path, tiny_sd3_dir, "ddp", epochs=1, batch=4), nproc=2)

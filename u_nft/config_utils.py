@@ -95,6 +95,8 @@ def validate_config(config, world_size: int) -> Sizes:
         raise ConfigError(f"config.mixed_precision must be 'no', 'fp16' or 'bf16', got {config.mixed_precision!r}")
     if config.base_dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"config.base_dtype must be auto/fp32/bf16/fp16, got {config.base_dtype!r}")
+    if t.old_policy not in ("auto", "adapter", "merged"):
+        raise ConfigError(f"config.train.old_policy must be 'auto', 'adapter' or 'merged', got {t.old_policy!r}")
     if config.sample.solver not in ("dpm2", "flow"):
         raise ConfigError(f"config.sample.solver must be 'dpm2' or 'flow', got {config.sample.solver!r}")
     if not len(config.reward_fn):

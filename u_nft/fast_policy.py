@@ -31,10 +31,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from u_nft.lora import OLD, adapters_disabled, unwrap
+from u_nft.lora import OLD, unwrap
 
 __all__ = [
-    "MergedOldPolicy", "merged_weight", "old_and_reference_velocities", "policy_predictions_merged",
+    "MergedOldPolicy", "merged_weight",
     "raise_recompile_limit", "compile_in_place",
 ]
 
@@ -247,35 +247,3 @@ class MergedOldPolicy:
 
 
 # ---- the three velocities of a training micro-step ---------------------------------------------------
-
-def _velocity(model, x_t: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
-              pooled: torch.Tensor) -> torch.Tensor:
-    """v (B, C, h, w) at x_t (B, C, h, w), t (B,) in [0, 1]; the timestep fed is t·1000 (float), as
-    ``u_nft.training.predict_velocity`` (upstream training)."""
-    return model(hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                 timestep=t * 1000, return_dict=False)[0]
-
-
-@torch.no_grad()
-def old_and_reference_velocities(old_policy: MergedOldPolicy, transformer: nn.Module, x_t: torch.Tensor,
-                                 t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
-                                 need_ref: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(v_old, v_ref or None), both without grad: v_old from the merged copy (one plain forward),
-    v_ref from ``transformer`` with every adapter disabled (its base layers only)."""
-    v_old = _velocity(old_policy, x_t, t, prompt_embeds, pooled)
-    v_ref = None
-    if need_ref:
-        with adapters_disabled(transformer):
-            v_ref = _velocity(transformer, x_t, t, prompt_embeds, pooled)
-    return v_old, v_ref
-
-
-def policy_predictions_merged(transformer: nn.Module, old_policy: MergedOldPolicy, x_t: torch.Tensor,
-                              t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
-                              need_ref: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(v_theta with grad, v_old, v_ref or None): the contract of ``u_nft.training.policy_predictions``,
-    with v_old from ``old_policy`` instead of the "old" adapter. ``transformer`` must have adapter
-    "default" active (as the trainer leaves it)."""
-    v_old, v_ref = old_and_reference_velocities(old_policy, transformer, x_t, t, prompt_embeds, pooled, need_ref)
-    v_theta = _velocity(transformer, x_t, t, prompt_embeds, pooled)
-    return v_theta, v_old, v_ref

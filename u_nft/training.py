@@ -39,12 +39,13 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtypes(mixed_precision: str, base_dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(frozen weight dtype, autocast dtype or None).
 
-    ``base_dtype="auto"``: bf16 frozen weights on GPU when autocasting (half the memory of upstream's
-    fp32 base, DESIGN.md §5), fp32 otherwise. Half-precision frozen weights need autocast.
+    ``base_dtype="auto"``: on GPU with autocast, frozen weights in the autocast dtype (half the memory of
+    upstream's fp32 base, DESIGN.md §5, and no per-op weight casts); fp32 otherwise. Half-precision
+    frozen weights need autocast.
     """
     autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     if base_dtype == "auto":
-        base = torch.bfloat16 if device.type == "cuda" and autocast is not None else torch.float32
+        base = autocast if device.type == "cuda" and autocast is not None else torch.float32
     else:
         base = _DTYPES[base_dtype]
     if base != torch.float32 and autocast is None:
@@ -81,9 +82,10 @@ class Rollout:
 def rollout_batch(pipeline, encode, prompt_indices: Sequence[int], prompts: Sequence[str], metadata: Sequence[dict],
                   seeds: Sequence[int], resolution: int, sigmas: torch.Tensor, solver: str, eta: float,
                   guidance_scale: float, autocast_dtype: torch.dtype | None, negative=None,
-                  adapter: str | None = OLD) -> Rollout:
-    """Sample clean latents with the ``adapter`` policy (the old one for training rollouts; None = as is)
-    and decode them. ``encode(prompts) -> (embeds, pooled)``; ``negative``: (embeds, pooled) for CFG."""
+                  adapter: str | None = OLD, old_policy=None) -> Rollout:
+    """Sample clean latents with the ``adapter`` policy (the old one for training rollouts; None = as is),
+    or with ``old_policy`` (a merged copy) when given, and decode them.
+    ``encode(prompts) -> (embeds, pooled)``; ``negative``: (embeds, pooled) for CFG."""
     transformer = pipeline.transformer
     device = pipeline.vae.device
     embeds, pooled = encode(list(prompts))
@@ -92,9 +94,11 @@ def rollout_batch(pipeline, encode, prompt_indices: Sequence[int], prompts: Sequ
                           torch.float32, device)
     generator = step_noise_generators(seeds) if eta > 0 else None
     neg_embeds, neg_pooled = negative if negative is not None else (None, None)
-    context = use_adapter(transformer, adapter) if adapter is not None else contextlib.nullcontext()
+    sampler_model = old_policy if old_policy is not None else transformer
+    use_context = adapter is not None and old_policy is None
+    context = use_adapter(transformer, adapter) if use_context else contextlib.nullcontext()
     with context, autocast_context(device, autocast_dtype):
-        latents = sample_latents(transformer, embeds, pooled, noise, sigmas, solver, guidance_scale,
+        latents = sample_latents(sampler_model, embeds, pooled, noise, sigmas, solver, guidance_scale,
                                  neg_embeds, neg_pooled, eta, generator)
     latents = latents.float()
     images = decode_latents(pipeline.vae, latents)
@@ -147,11 +151,15 @@ def predict_velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, prompt_emb
                        timestep=t * 1000, return_dict=False)[0]
 
 
-def policy_predictions(transformer, x_t, t, prompt_embeds, pooled, need_ref: bool):
-    """(v_theta with grad, v_old, v_ref or None): trained adapter, old adapter, adapters disabled."""
+def policy_predictions(transformer, x_t, t, prompt_embeds, pooled, need_ref: bool, old_policy=None):
+    """(v_theta with grad, v_old, v_ref or None): trained adapter; the old policy (the "old" adapter, or
+    ``old_policy``, a :class:`u_nft.fast_policy.MergedOldPolicy`); adapters disabled."""
     with torch.no_grad():
-        with use_adapter(transformer, OLD):
-            v_old = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
+        if old_policy is not None:
+            v_old = predict_velocity(old_policy, x_t, t, prompt_embeds, pooled)
+        else:
+            with use_adapter(transformer, OLD):
+                v_old = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
         v_ref = None
         if need_ref:
             with adapters_disabled(transformer):
@@ -162,13 +170,14 @@ def policy_predictions(transformer, x_t, t, prompt_embeds, pooled, need_ref: boo
 
 def micro_step_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                     prompt_embeds: torch.Tensor, pooled: torch.Tensor, options: DenseLossOptions,
-                    autocast_dtype: torch.dtype | None, generator: torch.Generator | None = None):
+                    autocast_dtype: torch.dtype | None, generator: torch.Generator | None = None,
+                    old_policy=None):
     """Forward passes on x_t = (1 - t) x0 + t eps and the dense loss. Returns (loss, diagnostics)."""
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * noise
     with autocast_context(x0.device, autocast_dtype):
         v_theta, v_old, v_ref = policy_predictions(transformer, x_t, t, prompt_embeds, pooled,
-                                                   need_ref=options.kl_weight > 0)
+                                                   need_ref=options.kl_weight > 0, old_policy=old_policy)
     return u_nft_loss(v_theta, v_old, x0, t, r, options, x_t=x_t, v_ref=v_ref, generator=generator)
 
 
