@@ -1,4 +1,4 @@
-"""Build the tiny random-weight SD3 pipeline (no downloads) into a directory.
+"""Build the tiny SD3 pipeline (no downloads) into a directory.
 
     python scripts/make_tiny_sd3.py --out runs/tiny_sd3
 
@@ -15,9 +15,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory to write the pipeline to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if --out holds a complete build")
+    parser.add_argument("--pretrain_steps", type=int, default=400, help="flow-matching pretraining steps")
     args = parser.parse_args()
     start = time.perf_counter()
-    path = build_tiny_sd3_pipeline(args.out, seed=args.seed, overwrite=args.overwrite)
+    path = build_tiny_sd3_pipeline(args.out, seed=args.seed, overwrite=args.overwrite,
+                                   pretrain_steps=args.pretrain_steps)
     print(f"tiny SD3 pipeline at {path} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -71,7 +71,7 @@ def test_rebuilding_reuses_a_complete_directory(tiny_sd3_dir):
 
 
 def test_rebuilding_with_another_seed_is_refused(tiny_sd3_dir):
-    with pytest.raises(ValueError, match="seed=0.*overwrite=True"):
+    with pytest.raises(ValueError, match="'seed': 0.*overwrite=True"):
         build_tiny_sd3_pipeline(tiny_sd3_dir, seed=1)
 
 
@@ -98,14 +98,16 @@ def test_text_encoder_3_is_kept_when_the_directory_has_one(tmp_path, tiny_sd3_di
     assert not _has_text_encoder_3(tmp_path)
 
 
-@pytest.mark.slow
-def test_seed_changes_the_weights_and_overwrite_rebuilds(tmp_path, tiny_sd3_dir):
-    other = build_tiny_sd3_pipeline(tmp_path / "seed1", seed=1)
-    a = load_sd3_pipeline(tiny_sd3_dir).transformer.state_dict()
+def test_seed_changes_the_weights_and_overwrite_rebuilds_identically(tmp_path):
+    reference = build_tiny_sd3_pipeline(tmp_path / "seed0", seed=0, pretrain_steps=5)
+    other = build_tiny_sd3_pipeline(tmp_path / "seed1", seed=1, pretrain_steps=5)
+    a = load_sd3_pipeline(reference).transformer.state_dict()
     b = load_sd3_pipeline(other).transformer.state_dict()
     assert a.keys() == b.keys()
     assert not torch.equal(a["proj_out.weight"], b["proj_out.weight"])
-    build_tiny_sd3_pipeline(other, seed=0, overwrite=True)
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        build_tiny_sd3_pipeline(other, seed=1, pretrain_steps=6)
+    build_tiny_sd3_pipeline(other, seed=0, overwrite=True, pretrain_steps=5)
     c = load_sd3_pipeline(other).transformer.state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
 
@@ -113,7 +115,8 @@ def test_seed_changes_the_weights_and_overwrite_rebuilds(tmp_path, tiny_sd3_dir)
 @pytest.mark.slow
 def test_make_tiny_sd3_cli_builds_a_loadable_pipeline(tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_sd3.py"), "--out", str(out)],
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_sd3.py"), "--out", str(out),
+                             "--pretrain_steps", "5"],
                             capture_output=True, text=True, check=True)
     assert str(out) in result.stdout
     assert (out / MARKER_NAME).is_file()

@@ -40,7 +40,7 @@ from u_nft.tiny_models import tiny_clip_text_config, write_clip_tokenizer
 
 # Written last into a finished build: its presence means the directory holds a complete pipeline.
 MARKER_NAME = ".u_nft_tiny_sd3_complete"
-_BUILD_FORMAT = 2  # bump when the built weights change: older builds are rebuilt
+_BUILD_FORMAT = 3  # bump when the built weights change: older builds are rebuilt
 
 # SD3.5 VAE latent normalisation (FACTS.md §G): decode x = z / 1.5305 + 0.0609.
 VAE_SCALING_FACTOR = 1.5305
@@ -192,11 +192,13 @@ def _is_complete(directory: Path) -> bool:
     return json.loads(marker.read_text(encoding="utf-8")).get("format") == _BUILD_FORMAT
 
 
-def _check_seed(directory: Path, seed: int) -> None:
-    recorded = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8")).get("seed")
-    if recorded != seed:
+def _check_build(directory: Path, seed: int, pretrain_steps: int) -> None:
+    recorded = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
+    wanted = {"seed": seed, "pretrain_steps": pretrain_steps}
+    got = {key: recorded.get(key) for key in wanted}
+    if got != wanted:
         raise ValueError(
-            f"tiny SD3 pipeline at {directory} was built with seed={recorded}, not seed={seed}; "
+            f"tiny SD3 pipeline at {directory} was built with {got}, not {wanted}; "
             "pass overwrite=True to rebuild it or choose another directory"
         )
 
@@ -218,7 +220,7 @@ def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwri
     directory = Path(directory).expanduser().resolve()
     if directory.exists() and not overwrite:
         if _is_complete(directory):
-            _check_seed(directory, seed)
+            _check_build(directory, seed, pretrain_steps)
             return directory
         if (directory / MARKER_NAME).is_file():
             overwrite = True  # our own build of an older format: rebuild it
@@ -236,7 +238,8 @@ def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwri
         with torch.random.fork_rng(devices=[]):
             pretrain_on_quadrants(pipeline, pretrain_steps, seed)
         pipeline.save_pretrained(tmp)
-        (tmp / MARKER_NAME).write_text(json.dumps({"seed": seed, "format": _BUILD_FORMAT}), encoding="utf-8")
+        marker = {"seed": seed, "pretrain_steps": pretrain_steps, "format": _BUILD_FORMAT}
+        (tmp / MARKER_NAME).write_text(json.dumps(marker), encoding="utf-8")
         if directory.exists() and (overwrite or not any(directory.iterdir())):
             shutil.rmtree(directory)
         try:
@@ -245,7 +248,7 @@ def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwri
             # Another process finished first: its build is as good as ours.
             if not _is_complete(directory):
                 raise
-            _check_seed(directory, seed)
+            _check_build(directory, seed, pretrain_steps)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
