@@ -194,11 +194,14 @@ def train_grid(args):
     """All (objective, method, seed) runs, ``args.jobs`` at once; returns the total wall time in seconds."""
     jobs = [(o, m, s) for o in args.objectives for m in args.methods for s in args.seeds]
     start = time.time()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    try:
         futures = [pool.submit(train_one, args, *job) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             name, seconds = future.result()
             print(f"  {name}: {'reused' if not seconds else f'{seconds:.0f} s'}", flush=True)
+    finally:  # on a failure, start no further runs (the ones under way finish)
+        pool.shutdown(wait=True, cancel_futures=True)
     return time.time() - start
 
 
@@ -428,7 +431,7 @@ def verdicts(args, summary):
     for objective, info in summary.items():
         d = info["methods"]["dense"]["epochs_to_threshold"]
         s = info["methods"]["scalar"]["epochs_to_threshold"]
-        kind = "localized" if objective in args.localized else "control (tie expected)"
+        kind = "localized" if objective in args.localized else "control"
         text = f"dense {_fmt_epochs(d, args.epochs)} vs scalar {_fmt_epochs(s, args.epochs)} epochs to threshold"
         if d is None:
             verdict = "dense never reached the threshold"
@@ -437,8 +440,9 @@ def verdicts(args, summary):
             verdict = (f"scalar never reached it, so dense/scalar < {bound:.2f}"
                        + (" (≤ 1/3 holds)" if bound <= 1 / 3 else " (≤ 1/3 undecided: longer runs needed)"))
         else:
-            ratio = d / s if s else (0.0 if d == 0 else float("inf"))
-            verdict = f"dense/scalar = {ratio:.2f} ({'≤' if ratio <= 1 / 3 else '>'} 1/3)"
+            ratio = d / s if s else (1.0 if d == 0 else float("inf"))
+            verdict = (f"dense/scalar = {ratio:.2f} ({'≤' if ratio <= 1 / 3 else '>'} 1/3)" if kind == "localized"
+                       else f"dense/scalar = {ratio:.2f} (a tie is 1)")
         lines.append(f"- **{objective}** ({kind}): {text}; {verdict}.")
     return lines
 
@@ -450,9 +454,9 @@ def write_report(args, summary, path, wall_seconds):
         old = Path(path).read_text(encoding="utf-8")
         if NOTES_HEADING in old:
             notes = old[old.index(NOTES_HEADING):]
-    command = "python scripts/dense_vs_scalar.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["python scripts/dense_vs_scalar.py"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--reuse"])
     example = train_command(args, args.objectives[0], args.methods[0], args.seeds[0])
-    example = "python " + " ".join(shlex.quote(str(a)) for a in example[1:])
+    example = "python " + " ".join(shlex.quote(str(a)).replace(str(REPO_ROOT) + os.sep, "") for a in example[1:])
     lines = [
         "# Dense reward maps vs scalar rewards (tiny SD3, CPU)",
         "",
@@ -481,7 +485,8 @@ def write_report(args, summary, path, wall_seconds):
         f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores visible, {args.jobs} runs at once with 1 thread each, torch {torch.__version__}; "
         f"date {datetime.date.today().isoformat()}; wall time of this invocation's training {wall_seconds / 60:.1f} min "
-        f"(the runs' own times sum to {run_seconds(args) / 60:.1f} min).",
+        f"(the runs' own times sum to {run_seconds(args) / 60:.1f} min, i.e. about "
+        f"{run_seconds(args) / 60 / args.jobs:.0f} min of wall time at {args.jobs} at once).",
         "",
     ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
