@@ -12,7 +12,7 @@ pooled 2048). Paths, each measured on the same weights and the same batch:
   upstream          fp32 base, fp16 autocast, v_old / v_ref / v_theta as three forwards of the peft
                     model (adapter "old", adapters off, "default"): ``u_nft.training.micro_step_loss``
                     is exactly this structure. Samples with adapter "old".
-  ours-adapters     the trainer today on GPU: the same code, bf16 base, bf16 autocast.
+  ours-adapters     the trainer with train.old_policy="adapter": the same code, bf16 base, bf16 autocast.
   ours-merged       bf16 base; v_old and rollouts from ``u_nft.fast_policy.MergedOldPolicy`` (old LoRA
                     merged into a copy of the target linears, all other weights shared); v_ref = base
                     with adapters off; eager.
