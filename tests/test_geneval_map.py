@@ -36,7 +36,7 @@ from reward_maps.geneval_rules import (
     summarize,
 )
 
-METADATA_FILE = Path("/work/shared/data/geneval/test_metadata.jsonl")
+METADATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "test_metadata.jsonl"
 
 
 def det(x1, y1, x2, y2, score=0.95, color=None, mask=None):
