@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from typing import Any, Callable, Protocol
 
 import torch
@@ -169,6 +168,3 @@ def validate_output(name: str, out: RewardOutput, batch_size: int) -> RewardOutp
     out.scores = scores.float()
     return out
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
