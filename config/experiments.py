@@ -22,8 +22,6 @@ Methods (``METHODS``):
 import importlib.util
 import os
 
-import ml_collections
-
 
 def _load_sibling(name):
     # Config files are loaded by path (ml_collections), not as a package: import u_nft.py beside this file.
@@ -34,7 +32,7 @@ def _load_sibling(name):
 
 
 _u_nft = _load_sibling("u_nft")
-tiny, TINY_REGIONS = _u_nft.tiny, _u_nft.TINY_REGIONS
+tiny, TINY_REGIONS, _reward = _u_nft.tiny, _u_nft.TINY_REGIONS, _u_nft.single_reward
 
 # Four independent regions with their own targets: the tiny model paints each quadrant a random colour.
 QUADRANT_REGIONS = [
@@ -48,14 +46,6 @@ GLOBAL_COLOR = [1.0, 0.6, 0.1]  # orange, for the image-mean control
 # sys.path when it runs, so the plug-in name resolves there (reward_maps.base.resolve_factory).
 GLOBAL_SCORER = "dense_vs_scalar:global_color_map"
 NUM_LOCATIONS = 8  # m cells per image for the Monte-Carlo methods (of 8 x 8 = 64)
-
-
-def _reward(config, name, options):
-    """Train and evaluate on scorer ``name`` with ``options``."""
-    config.reward_fn = ml_collections.ConfigDict({name: 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({name: 1.0})
-    config.reward_options = ml_collections.ConfigDict({name: options})
-    return config
 
 
 def objective_centre(config):

@@ -29,12 +29,20 @@ def _dataset(config, name, train="train.txt", test="test.txt"):
     return config
 
 
+def single_reward(config, name, options=None):
+    """Train and evaluate on the one scorer ``name`` (weight 1), with factory ``options`` if given."""
+    config.reward_fn = ml_collections.ConfigDict({name: 1.0})
+    config.eval_reward_fn = ml_collections.ConfigDict({name: 1.0})
+    if options is not None:
+        config.reward_options = ml_collections.ConfigDict({name: options})
+    return config
+
+
 def sd3_ocr_map():
     """OCR with the dense OCR map (RapidOCR); upstream's OCR run uses decay type 2 and beta 0.1."""
     config = _dataset(base_config(), "ocr")
     config.run_name = "sd3_ocr_map"
-    config.reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})
+    single_reward(config, "ocr_map")
     config.train.decay_type = 2
     config.train.beta = 0.1
     return config
@@ -52,8 +60,7 @@ def sd3_geneval_map():
     """GenEval compositional prompts (jsonl with metadata) with the per-object GenEval map."""
     config = _dataset(base_config(), "geneval", "train_metadata.jsonl", "test_metadata.jsonl")
     config.run_name = "sd3_geneval_map"
-    config.reward_fn = ml_collections.ConfigDict({"geneval_map": 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({"geneval_map": 1.0})
+    single_reward(config, "geneval_map")
     return config
 
 
@@ -61,8 +68,7 @@ def sd3_pickscore_map():
     """Human preference (PickScore) with the patch-text similarity map."""
     config = _dataset(base_config(), "pickscore")
     config.run_name = "sd3_pickscore_map"
-    config.reward_fn = ml_collections.ConfigDict({"pickscore_map": 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({"pickscore_map": 1.0})
+    single_reward(config, "pickscore_map")
     return config
 
 
@@ -83,11 +89,8 @@ def sd3_custom_mask():
     Masks are already optimality probabilities, so normalization is skipped (seed §7)."""
     config = _dataset(base_config(), "masks", "train.jsonl", "test.jsonl")
     config.run_name = "sd3_custom_mask"
-    config.reward_fn = ml_collections.ConfigDict({"mask_file_map": 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({"mask_file_map": 1.0})
     # Mask paths in the jsonl are relative to the dataset folder.
-    config.reward_options = ml_collections.ConfigDict(
-        {"mask_file_map": {"mask_root": os.path.join(DATASET_ROOT, "masks")}})
+    single_reward(config, "mask_file_map", {"mask_root": os.path.join(DATASET_ROOT, "masks")})
     config.train.map_normalization = "none"
     return config
 
@@ -124,9 +127,7 @@ def tiny():
     config.train.learning_rate = 1e-2
     config.train.gradient_step_per_epoch = 4
     config.train.cell_size = 1
-    config.reward_fn = ml_collections.ConfigDict({"region_color_map": 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({"region_color_map": 1.0})
-    config.reward_options = ml_collections.ConfigDict({"region_color_map": {"regions": TINY_REGIONS}})
+    single_reward(config, "region_color_map", {"regions": TINY_REGIONS})
     config.reward_workers = 1
     config.logging.wandb_mode = "offline"
     return config

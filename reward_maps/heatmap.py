@@ -13,7 +13,7 @@ import torch
 
 from reward_maps.base import RewardMapError
 
-__all__ = ["DIVERGING", "colorize", "overlay_heatmap", "save_grid"]
+__all__ = ["to_pil_image", "DIVERGING", "colorize", "overlay_heatmap", "save_grid"]
 
 # (position in [0, 1], RGB in [0, 1]) control points; linear in between.
 DIVERGING = (
@@ -47,7 +47,8 @@ def colorize(values: torch.Tensor, value_range: tuple[float, float] | None = (0.
     return torch.where(finite[..., None], rgb, torch.zeros_like(rgb)).permute(2, 0, 1)
 
 
-def _to_pil(image: torch.Tensor):
+def to_pil_image(image: torch.Tensor):
+    """(3, H, W) float in [0, 1] -> PIL RGB image (values rounded to uint8)."""
     from PIL import Image
 
     pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -73,7 +74,7 @@ def overlay_heatmap(
         raise RewardMapError(f"overlay_heatmap: alpha={alpha!r}; accepted: a number in [0, 1]")
     colors = colorize(reward_map, value_range)
     colors = torch.nn.functional.interpolate(colors[None], size=tuple(image.shape[-2:]), mode="nearest")[0]
-    return _to_pil((1 - alpha) * image.detach().float().cpu().clamp(0, 1) + alpha * colors)
+    return to_pil_image((1 - alpha) * image.detach().float().cpu().clamp(0, 1) + alpha * colors)
 
 
 def save_grid(
@@ -105,7 +106,7 @@ def save_grid(
     canvas = Image.new("RGB", (ncols * cell_w + pad, nrows * cell_h + pad), (255, 255, 255))
     for i in range(count):
         x, y = pad + (i % ncols) * cell_w, pad + (i // ncols) * cell_h
-        canvas.paste(_to_pil(images[i]), (x, y))
+        canvas.paste(to_pil_image(images[i]), (x, y))
         canvas.paste(overlay_heatmap(images[i], maps[i], value_range, alpha), (x + width, y))
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

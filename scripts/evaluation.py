@@ -172,8 +172,6 @@ def main(_):
         return embeds.to(base_dtype), pooled.to(base_dtype)
 
     negative = negative_embeddings(pipeline, 1, FLAGS.max_sequence_length, device) if FLAGS.guidance_scale != 1.0 else None
-    if negative is not None:
-        negative = tuple(x.to(base_dtype) for x in negative)
     output_dir = Path(FLAGS.output_dir) if FLAGS.output_dir else (
         Path(lora_source).parent / "eval" / FLAGS.dataset if FLAGS.checkpoint_path
         else REPO_ROOT / "runs" / "eval" / f"{FLAGS.dataset}_{run_label()}")

@@ -191,10 +191,9 @@ def main(_):
         for b, indices in enumerate(tqdm(batches, desc=f"epoch {epoch}: sampling", disable=not is_main)):
             first = (b * dist.world_size() + dist.rank()) * config.sample.train_batch_size
             seeds = sample_seeds(config.seed, epoch, range(first, first + len(indices)))
-            batch_negative = tuple(x.expand(len(indices), *x.shape[1:]) for x in negative) if negative else None
             ro = rollout_batch(pipeline, encode, indices, [prompts[i] for i in indices], [metadata[i] for i in indices],
                                seeds, config.sample.resolution, sigmas, config.sample.solver, config.sample.eta,
-                               config.sample.guidance_scale, autocast_dtype, batch_negative, old_policy=old_policy)
+                               config.sample.guidance_scale, autocast_dtype, negative, old_policy=old_policy)
             rollouts.append(ro)
             pending.append(train_rewards.submit(ro.images, ro.prompts, ro.metadata))
         outputs = [p.result() for p in pending]
@@ -208,14 +207,13 @@ def main(_):
         x0 = torch.cat([ro.latents for ro in rollouts])
         embeds = torch.cat([ro.prompt_embeds for ro in rollouts])
         pooled = torch.cat([ro.pooled_embeds for ro in rollouts])
-        reward_log = {f"reward/{name}": float(torch.cat([o[name].scores for o in outputs]).mean())
-                      for name in train_rewards.weights}
-        reward_log = {k: float(np.mean(v)) for k, v in zip(reward_log, zip(*dist.all_gather_object(list(reward_log.values()))))}
+        reward_log = mean_diagnostics([{f"reward/{name}": torch.cat([o[name].scores for o in outputs]).mean()
+                                        for name in train_rewards.weights}])
 
         # Train: shuffled micro-batches x the sampler's timesteps, gradient accumulation, AdamW
         transformer.train()
         generator = torch.Generator().manual_seed(sample_seeds(config.seed, epoch, [dist.rank()])[0])
-        history, micro = [], 0
+        history, grad_norms, micro = [], [], 0
         for inner in range(config.train.num_inner_epochs):
             order = torch.randperm(x0.shape[0], generator=generator)
             for start in tqdm(range(0, x0.shape[0], config.train.batch_size), desc=f"epoch {epoch}: training",
@@ -240,7 +238,7 @@ def main(_):
                         state.global_step += 1
                         if ema is not None:
                             ema.step(params)
-                        history[-1] = {**diag, "grad_norm": grad_norm.detach().float()}
+                        grad_norms.append(grad_norm.detach().float())
 
         # Update the old policy, log, evaluate, save
         decay = old_policy_decay(state.global_step, config.train.decay_type)
@@ -250,22 +248,23 @@ def main(_):
         state.epoch = epoch + 1
         sampler.set_epoch(epoch + 1)
         state.sampler = sampler.state_dict()
-        metrics = {**{f"train/{k}": v for k, v in mean_diagnostics([{k: v for k, v in h.items() if k != "grad_norm"}
-                                                                      for h in history]).items()},
-                   **reward_log, "train/old_decay": decay, "train/r_mean": float(r.mean())}
+        metrics = {**{f"train/{k}": v for k, v in mean_diagnostics(history).items()}, **reward_log,
+                   "train/grad_norm": float(torch.stack(grad_norms).mean()), "train/old_decay": decay,
+                   "train/r_mean": float(r.mean())}
         if is_main:
             logger.log(metrics, state.global_step, epoch)
             print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
             if epoch % config.logging.image_every == 0:
                 n = config.logging.num_log_images
                 name = next(iter(outputs[0]))
-                grid = save_grid(torch.cat([ro.images for ro in rollouts])[:n], r[:n],
-                                 os.path.join(run_dir, "images", f"epoch{epoch:04d}_train_r.png"), value_range=(0, 1))
-                save_grid(torch.cat([ro.images for ro in rollouts])[:n], torch.cat([o[name].maps for o in outputs])[:n],
+                images = torch.cat([ro.images for ro in rollouts])[:n]
+                grid = save_grid(images, r[:n], os.path.join(run_dir, "images", f"epoch{epoch:04d}_train_r.png"),
+                                 value_range=(0, 1))
+                save_grid(images, torch.cat([o[name].maps for o in outputs])[:n],
                           os.path.join(run_dir, "images", f"epoch{epoch:04d}_train_{name}.png"), value_range=None)
                 logger.log_image("images/train_r", grid, state.global_step)
         last = epoch + 1 == config.num_epochs
-        if config.eval_freq and (epoch + 1) % config.eval_freq == 0 or last and config.eval_freq:
+        if config.eval_freq and ((epoch + 1) % config.eval_freq == 0 or last):
             with ema_weights(ema, params):
                 result = evaluate_prompts(pipeline, encode, test_prompts, test_metadata, eval_rewards,
                                           seed=config.seed, resolution=config.sample.resolution, sigmas=eval_sigmas,

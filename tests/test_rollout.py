@@ -158,3 +158,23 @@ def test_rollout_rejects_a_resolution_off_the_patch_grid(pipeline, embeds):
     prompt_embeds, pooled = embeds
     with pytest.raises(ValueError, match="resolution 72 must be a multiple of 16"):
         rollout(pipeline, prompt_embeds[:1], pooled[:1], [0], 72, sd3_sigmas(2))
+
+
+def test_rollout_batch_broadcasts_the_empty_prompt_for_cfg(pipeline):
+    """rollout_batch takes the empty prompt's batch-1 embeddings (any dtype) and broadcasts them for CFG."""
+    from u_nft.training import rollout_batch
+
+    def encode(prompts):
+        return encode_prompts(pipeline, prompts, max_sequence_length=32)
+
+    negative = tuple(x.double() for x in negative_embeddings(pipeline, 1, max_sequence_length=32))
+    args = (pipeline, encode, [0, 1], PROMPTS[:2], [{}, {}], [3, 4], 64, sd3_sigmas(3), "flow", 0.0)
+    guided = rollout_batch(*args, 4.5, None, negative, adapter=None)
+    embeds, pooled = encode(PROMPTS[:2])
+    expected = sample_latents(pipeline.transformer, embeds, pooled, initial_noise([3, 4], 16, 8, 8),
+                              sd3_sigmas(3), "flow", guidance_scale=4.5,
+                              negative_embeds=negative[0].float().expand(2, -1, -1),
+                              negative_pooled=negative[1].float().expand(2, -1))
+    torch.testing.assert_close(guided.latents, expected)
+    plain = rollout_batch(*args, 1.0, None, None, adapter=None)
+    assert (guided.latents - plain.latents).abs().max() > 1e-4

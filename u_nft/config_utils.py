@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from u_nft.ema import OLD_POLICY_DECAY_TYPES
 from u_nft.loss import DenseLossOptions
 from u_nft.normalization import SCALE_MODES
+from u_nft.solvers import SOLVERS
 
 VAE_SCALE = 8  # SD3's VAE downsamples by 8
 PATCH = 2      # SD3's transformer patch size
@@ -89,16 +91,16 @@ def validate_config(config, world_size: int) -> Sizes:
         raise ConfigError(f"config.train.map_normalization must be 'group' or 'none', got {t.map_normalization!r}")
     if t.map_scale not in SCALE_MODES:
         raise ConfigError(f"config.train.map_scale must be one of {SCALE_MODES}, got {t.map_scale!r}")
-    if t.decay_type not in (0, 1, 2):
-        raise ConfigError(f"config.train.decay_type must be 0, 1 or 2, got {t.decay_type!r}")
+    if t.decay_type not in OLD_POLICY_DECAY_TYPES:
+        raise ConfigError(f"config.train.decay_type must be one of {OLD_POLICY_DECAY_TYPES}, got {t.decay_type!r}")
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"config.mixed_precision must be 'no', 'fp16' or 'bf16', got {config.mixed_precision!r}")
     if config.base_dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"config.base_dtype must be auto/fp32/bf16/fp16, got {config.base_dtype!r}")
     if t.old_policy not in ("auto", "adapter", "merged"):
         raise ConfigError(f"config.train.old_policy must be 'auto', 'adapter' or 'merged', got {t.old_policy!r}")
-    if config.sample.solver not in ("dpm2", "flow"):
-        raise ConfigError(f"config.sample.solver must be 'dpm2' or 'flow', got {config.sample.solver!r}")
+    if config.sample.solver not in SOLVERS:
+        raise ConfigError(f"config.sample.solver must be one of {SOLVERS}, got {config.sample.solver!r}")
     if not len(config.reward_fn):
         raise ConfigError("config.reward_fn is empty: name at least one reward with a weight")
     from reward_maps.base import RewardMapError, resolve_factory

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reward_maps.heatmap import to_pil_image
 from u_nft import distributed as dist
+from u_nft.tiny_sd3 import HUB_ID
 from u_nft.training import rollout_batch
 
 _EVAL_STREAM = 0x45564C  # "EVL": keeps evaluation seeds apart from any other use of SeedSequence([seed, ...])
@@ -169,10 +171,9 @@ def evaluate_prompts(pipeline, encode, prompts: Sequence[str], metadata: Sequenc
     for start in range(0, len(local), batch_size):
         indices = local[start:start + batch_size]
         pairs = [divmod(j, k_per) for j in indices]
-        batch_negative = tuple(x.expand(len(indices), *x.shape[1:]) for x in negative) if negative else None
         ro = rollout_batch(pipeline, encode, [i for i, _ in pairs], [prompts[i] for i, _ in pairs],
                            [metadata[i] for i, _ in pairs], [eval_seed(seed, i, k) for i, k in pairs], resolution,
-                           sigmas, solver, eta, guidance_scale, autocast_dtype, batch_negative, adapter=None)
+                           sigmas, solver, eta, guidance_scale, autocast_dtype, negative, adapter=None)
         if pending is not None:
             finish(pending[0], pending[1], pending[2].result())
         if hasattr(rewards, "submit"):
@@ -331,7 +332,6 @@ def format_summary(metrics: Mapping[str, Mapping[str, Any]]) -> str:
 
 # ---- LoRA loading ------------------------------------------------------------------------------------
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EVAL_ADAPTER = "eval_lora"  # not "eval": peft would shadow nn.Module.eval
@@ -372,7 +372,7 @@ def load_eval_lora(pipeline, source: str | os.PathLike) -> dict[str, Any]:
     text = os.fspath(source)
     path = Path(text).expanduser()
     if not path.exists():
-        if not _HUB_ID.match(text):
+        if not HUB_ID.match(text):
             raise FileNotFoundError(f"LoRA {text!r} is neither an existing file/folder nor a hub id 'owner/name'")
         from huggingface_hub import snapshot_download
 
@@ -442,14 +442,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     return path
 
 
-def _to_pil(image: torch.Tensor):
-    """(3, H, W) float in [0, 1] -> PIL RGB image (values rounded to uint8)."""
-    from PIL import Image
-
-    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-
-
 def sample_stem(prompt_index: int, image_index: int) -> str:
     return f"{prompt_index:05d}_{image_index:02d}"
 
@@ -466,7 +458,7 @@ def image_saver(output_dir: str | os.PathLike, images_per_prompt: int, save_imag
             stem = sample_stem(*divmod(j, images_per_prompt))
             if save_images:
                 (root / "images").mkdir(parents=True, exist_ok=True)
-                _to_pil(images[b]).save(root / "images" / f"{stem}.png")
+                to_pil_image(images[b]).save(root / "images" / f"{stem}.png")
             if save_maps:
                 for name, out in outputs.items():
                     folder = root / "maps" / _safe_name(name)
@@ -490,7 +482,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, ncols: int = 
     nrows = -(-count // ncols)
     canvas = Image.new("RGB", (ncols * (width + pad) + pad, nrows * (height + pad) + pad), (255, 255, 255))
     for b in range(count):
-        canvas.paste(_to_pil(images[b]), (pad + (b % ncols) * (width + pad), pad + (b // ncols) * (height + pad)))
+        canvas.paste(to_pil_image(images[b]), (pad + (b % ncols) * (width + pad), pad + (b // ncols) * (height + pad)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
@@ -516,6 +508,6 @@ def save_result_figures(result: EvalResult, output_dir: str | os.PathLike, save_
             rgb = F.interpolate(colorize(mean_map, result.value_ranges.get(name))[None], size=(cell, cell),
                                 mode="nearest")[0]
             path = root / f"mean_map_{_safe_name(name)}.png"
-            _to_pil(rgb).save(path)
+            to_pil_image(rgb).save(path)
             written.append(str(path))
     return written

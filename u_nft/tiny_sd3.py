@@ -46,7 +46,8 @@ _BUILD_FORMAT = 3  # bump when the built weights change: older builds are rebuil
 VAE_SCALING_FACTOR = 1.5305
 VAE_SHIFT_FACTOR = 0.0609
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_ID = re.compile(  # "owner/name" on a model hub
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _tiny_components(seed: int) -> dict:
@@ -297,7 +298,7 @@ def load_sd3_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float
         if not _has_text_encoder_3(path):
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         source = str(path)
-    elif _HUB_ID.match(text):
+    elif HUB_ID.match(text):
         source = text
     else:
         raise FileNotFoundError(

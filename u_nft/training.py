@@ -85,7 +85,8 @@ def rollout_batch(pipeline, encode, prompt_indices: Sequence[int], prompts: Sequ
                   adapter: str | None = OLD, old_policy=None) -> Rollout:
     """Sample clean latents with the ``adapter`` policy (the old one for training rollouts; None = as is),
     or with ``old_policy`` (a merged copy) when given, and decode them.
-    ``encode(prompts) -> (embeds, pooled)``; ``negative``: (embeds, pooled) for CFG."""
+    ``encode(prompts) -> (embeds, pooled)``; ``negative``: the empty prompt's (embeds, pooled), batch 1,
+    for CFG."""
     transformer = pipeline.transformer
     device = pipeline.vae.device
     embeds, pooled = encode(list(prompts))
@@ -93,7 +94,9 @@ def rollout_batch(pipeline, encode, prompt_indices: Sequence[int], prompts: Sequ
     noise = initial_noise(seeds, transformer.config.in_channels, resolution // factor, resolution // factor,
                           torch.float32, device)
     generator = step_noise_generators(seeds) if eta > 0 else None
-    neg_embeds, neg_pooled = negative if negative is not None else (None, None)
+    neg_embeds = neg_pooled = None
+    if negative is not None:  # the empty prompt's (1, ...) embeddings, broadcast to this batch
+        neg_embeds, neg_pooled = (x.to(embeds.dtype).expand(len(prompts), *x.shape[1:]) for x in negative)
     sampler_model = old_policy if old_policy is not None else transformer
     use_context = adapter is not None and old_policy is None
     context = use_adapter(transformer, adapter) if use_context else contextlib.nullcontext()
