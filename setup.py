@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.10",
     # torch is not pinned here: GPU machines bring their CUDA build; scripts/setup.sh installs
     # the CPU build 2.13.0 on machines without a GPU. torchvision is deliberately absent.
+    # The lower bounds of transformers / diffusers / peft / accelerate / numpy are tested in CI
+    # (scripts/ci_lowest_versions.sh); README "Supported versions".
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.33",
@@ -24,7 +26,11 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "ocr": ["rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10"],
-        "test": ["pytest>=8", "hypothesis>=6", "rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10"],
+        # Levenshtein: python-Levenshtein's distance, the edit distance of the upstream OCR reward.
+        "ocr": ["rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10", "Levenshtein>=0.21"],
+        # transformers 4.x's Mask2Former (the GenEval detector) needs scipy at construction
+        "geneval": ["scipy>=1.10"],
+        "test": ["pytest>=8", "hypothesis>=6", "rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10", "Levenshtein>=0.21",
+                 "scipy>=1.10"],
     },
 )

@@ -17,13 +17,20 @@ pooled 2048). Paths, each measured on the same weights and the same batch:
                     merged into a copy of the target linears, all other weights shared); v_ref = base
                     with adapters off; eager.
   ours-compiled     ours-merged with the LoRA'd model and the merged copy whole-model ``torch.compile``d
-                    (CUDA only).
+                    (``u_nft.fast_policy.compile_policy_forwards``, the trainer's ``train.compile``;
+                    CUDA by default, ``--compile on`` on the CPU too).
   ours-ckpt         the last of the above with gradient checkpointing on (``--grad-ckpt``).
 
 Per path: one training micro-step (three forwards, the loss ``u_nft.loss.u_nft_loss`` with
 kl_weight 1e-4, backward) with a dense random map r (B, h/2, w/2) and with a scalar r (B,), a
 ``--steps``-step dpm2 sampling batch, peak CUDA memory of each, the dense loss value (same semantics
 on every path: they differ only by rounding), MFU against a matmul ceiling timed in the same run.
+
+Scoring section (``--score-batches``, default 3): the trainer's sample -> submit -> sample loop with a real
+scorer (``--scorer``, default jpeg_map) in ``--reward-workers`` threads, reporting how long the sampler waits
+on the scorers after its last batch against the scorers' serial time (overlap measured, not assumed); and an
+``occlusion_map`` over the same scorer, full map vs only the cells covering ``--locations`` Monte Carlo
+locations drawn before scoring (``u_nft/sampled_cells.py``): scorer images and seconds of each.
 
 FLOPs (matmul only, 2 per multiply-add; d = heads x head_dim, N image tokens, T text tokens, S = N + T,
 J = joint_attention_dim, P = pooled_projection_dim, c = in_channels x patch², per sample):
@@ -60,7 +67,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, uninstalled too
 from u_nft import lora  # noqa: E402
-from u_nft.fast_policy import MergedOldPolicy, compile_in_place  # noqa: E402
+from u_nft.fast_policy import MergedOldPolicy, compile_policy_forwards  # noqa: E402
 from u_nft.loss import DenseLossOptions, u_nft_loss  # noqa: E402
 from u_nft.rollout import sample_latents  # noqa: E402
 from u_nft.solvers import sd3_sigmas  # noqa: E402
@@ -299,6 +306,71 @@ def measure_path(transformer, path: Path, batch: Batch, args, device: torch.devi
     return result
 
 
+# ---- scoring: overlap with sampling, and Monte Carlo cells drawn before scoring ------------------------
+
+def rollout_like_images(batch: int, resolution: int, seed: int) -> torch.Tensor:
+    """(B, 3, R, R) in [0, 1]: smooth random images (bilinear 16 x 16 noise), what a decoder returns more
+    than white noise does (the JPEG scorer's cost depends on content)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, 16, 16, generator=g)
+    return torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bilinear",
+                                           align_corners=False).clamp(0, 1)
+
+
+def scoring_overlap(sample: Callable[[], torch.Tensor], rewards, images: torch.Tensor, prompts: list[str],
+                    batches: int, device: torch.device) -> dict:
+    """The trainer's sampling loop (sample a batch, submit it to the scorer workers, sample the next) for
+    ``batches`` batches, timed: how long the GPU waits on the scorers after the last batch (``idle``),
+    against the scorers' serial time (``scoring``, measured alone). ``hidden`` = 1 - idle / scoring is the
+    fraction of scoring that ran under sampling. Seconds; images stand in for the decoded rollouts."""
+    rewards(images, prompts, [{} for _ in prompts])  # warm-up (thread start, first-call costs)
+    start = time.perf_counter()
+    for _ in range(batches):
+        rewards(images, prompts, [{} for _ in prompts])
+    scoring = time.perf_counter() - start
+    sample()
+    synchronize(device)
+    start = time.perf_counter()
+    pending = []
+    for b in range(batches):
+        sample()
+        synchronize(device)  # the trainer decodes (a device sync) before it submits
+        pending.append(rewards.submit(images, prompts, [{} for _ in prompts], label=f"bench batch {b}"))
+    sampled = time.perf_counter()
+    for p in pending:
+        p.result()
+    end = time.perf_counter()
+    idle = end - sampled
+    return dict(batches=batches, sampling=sampled - start, scoring=scoring, idle=idle,
+                hidden=max(0.0, 1.0 - idle / scoring) if scoring > 0 else 1.0, total=end - start)
+
+
+def sampled_cell_saving(images: torch.Tensor, prompts: list[str], grid: tuple[int, int], location_grid: tuple[int, int],
+                        num_locations: int, inner: str, workers: int) -> dict:
+    """Scorer images and seconds of an ``occlusion_map`` over ``inner`` for one batch: the full map vs only
+    the cells covering ``num_locations`` Monte Carlo locations drawn before scoring (``u_nft.sampled_cells``)."""
+    from reward_maps.combine import RewardSet
+    from reward_maps.occlusion import covering_cells
+    from u_nft.sampled_cells import SampledCellScoring
+
+    options = {"occlusion_map": {"scorer": inner, "grid": tuple(grid)}}
+    plan = SampledCellScoring(True, location_grid, num_locations, seed=0)
+    cells = plan.draw(0, prompts)
+    metadata = [{} for _ in prompts]
+    result = {}
+    with RewardSet({"occlusion_map": 1.0}, options, num_workers=workers) as rewards:
+        rewards(images[:1], prompts[:1], metadata[:1])  # warm-up
+        for key, md in (("full", metadata), ("sampled", plan.attach(metadata, cells))):
+            start = time.perf_counter()
+            rewards(images, prompts, md)
+            result[f"{key}_s"] = time.perf_counter() - start
+    b = len(prompts)
+    result["full_images"] = b * (grid[0] * grid[1] + 1)
+    result["sampled_images"] = b + sum(len(covering_cells(row.tolist(), location_grid, tuple(grid))) for row in cells)
+    result.update(grid=tuple(grid), location_grid=tuple(location_grid), m=num_locations, inner=inner)
+    return result
+
+
 def loss_only_times(batch: Batch, device: torch.device, args) -> tuple[float, float]:
     """Seconds of ``u_nft_loss`` forward + backward alone on prediction-shaped fp32 tensors: (dense, scalar)."""
     options = DenseLossOptions(beta=1.0, kl_weight=KL_WEIGHT, adv_clip_max=5.0)
@@ -393,6 +465,19 @@ def report(args, device_name: str, info: dict, results: dict[str, dict], paths: 
         rel = abs(m["loss_dense"] - up["loss_dense"]) / max(abs(up["loss_dense"]), 1e-30)
         lines.append(f"| {name} | {up['train_dense'] / m['train_dense']:.2f}x | {up['sample'] / m['sample']:.2f}x "
                      f"| {rel:.2e} | {epoch:.1f} s | {up_epoch / epoch:.2f}x |")
+    if "overlap" in info:
+        o, c = info["overlap"], info["cells"]
+        lines += [
+            f"\nScoring ({args.scorer}, {args.reward_workers} worker threads, {args.batch} images of {args.resolution} px "
+            f"per batch): {o['batches']} batches sampled with {o['path']} while the previous ones score: sampling "
+            f"{fmt_time(o['sampling'])}, scoring alone {fmt_time(o['scoring'])}, the sampler then waits "
+            f"{fmt_time(o['idle'])} on the scorers ({100 * o['hidden']:.0f}% of scoring hidden under sampling; "
+            f"the trainer waits once per epoch, after its last batch).",
+            f"\nOcclusion map over {c['inner']} ({c['grid'][0]}x{c['grid'][1]} cells), one batch: full map "
+            f"{c['full_images']} scorer images, {fmt_time(c['full_s'])}; m = {c['m']} Monte Carlo locations on the "
+            f"{c['location_grid'][0]}x{c['location_grid'][1]} grid drawn before scoring: {c['sampled_images']} images, "
+            f"{fmt_time(c['sampled_s'])} ({c['full_s'] / max(c['sampled_s'], 1e-9):.1f}x less time).",
+        ]
     lines.append("\nEpoch model: per GPU 144 images = 16 sampling batches of 9 + 144 micro-steps (16 x 9 timesteps) "
                  "+ 1 AdamW step (+ 1 refresh for merged paths), scaled per image from the measured batch; "
                  "VAE decode, rewards, text encoding and all-reduce excluded.\n")
@@ -411,7 +496,14 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA (compilation), 1 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="add the ours-compiled path: auto = on CUDA only")
+                        help="add the ours-compiled path: auto = on CUDA only (on: CPU too, minutes of inductor)")
+    parser.add_argument("--score-batches", type=int, default=3,
+                        help="sampling batches of the scorer-overlap measurement (0 = skip the scoring section)")
+    parser.add_argument("--scorer", default="jpeg_map",
+                        help="registered scorer for the overlap measurement and inside the occlusion map")
+    parser.add_argument("--reward-workers", type=int, default=4, help="scorer threads (config.reward_workers)")
+    parser.add_argument("--occlusion-grid", type=int, default=8, help="occlusion map grid side (cells per axis)")
+    parser.add_argument("--locations", type=int, default=8, help="Monte Carlo locations m drawn before scoring")
     parser.add_argument("--grad-ckpt", action="store_true", help="add the ours-ckpt path (gradient checkpointing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="append the markdown report to this file")
@@ -424,8 +516,6 @@ def parse_args(argv=None):
     args.repeats = args.repeats or (10 if cuda else 3)
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device; use --device cpu")
-    if args.compile == "on" and not cuda:
-        raise SystemExit("--compile on needs --device cuda (CPU runs stay eager)")
     return args
 
 
@@ -471,8 +561,8 @@ def main(argv=None) -> str:
              torch.bfloat16, policy))
     last = paths["ours-merged"]
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-        compiled = compile_in_place(transformer) and compile_in_place(policy.module)
-        policy.compiled = compiled
+        # the trainer's train.compile: the LoRA'd model (v_theta, v_ref) and the merged copy (v_old, rollouts)
+        compile_policy_forwards(transformer, policy, "on", device)
         last = Path("ours-compiled", last.recipe + ", torch.compile (whole model)", torch.bfloat16, torch.bfloat16,
                     policy)
         run(last)
@@ -480,6 +570,20 @@ def main(argv=None) -> str:
         transformer.enable_gradient_checkpointing()
         run(dataclasses.replace(last, name="ours-ckpt", recipe=last.recipe + ", gradient checkpointing"))
         transformer.disable_gradient_checkpointing()
+
+    if args.score_batches:
+        from reward_maps.combine import RewardSet
+
+        images = rollout_like_images(args.batch, args.resolution, args.seed)
+        prompts = [f"bench prompt {i // 3}" for i in range(args.batch)]
+        with RewardSet({args.scorer: 1.0}, num_workers=args.reward_workers) as rewards:
+            info["overlap"] = scoring_overlap(sample_fn(transformer, last, batch, sd3_sigmas(args.steps)), rewards,
+                                              images, prompts, args.score_batches, device)
+        location_grid = (latent // 2, latent // 2)  # train.cell_size 2: one transformer token
+        info["cells"] = sampled_cell_saving(images, prompts, (args.occlusion_grid, args.occlusion_grid), location_grid,
+                                            args.locations, args.scorer, args.reward_workers)
+        info["overlap"]["path"] = last.name
+        print(f"scoring: {info['overlap']} {info['cells']}", flush=True)
 
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)")

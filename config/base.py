@@ -6,8 +6,27 @@ are DiffusionNFT's (NVlabs/DiffusionNFT config/nft.py; FACTS.md §F).
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def scorer_options():
+    """``config.reward_options``: one ConfigDict per registered scorer holding every option of its factory
+    with the factory's default (``reward_maps.base.option_defaults``), so each can be set on the command
+    line: ``--config.reward_options.pickscore_map.model=/path/to/PickScore_v1``. Options of one plain type
+    parse as that type; options that take several (``str | None``, sizes, region lists) accept any Python
+    literal (``--config.reward_options.ocr_map.map_size='(32, 32)'``), other text as a string. Only the
+    options of the scorers in ``reward_fn`` / ``eval_reward_fn`` reach factories."""
+    from reward_maps.base import option_defaults, registered_names
+
+    options = ml_collections.ConfigDict()
+    for name in registered_names():
+        options[name] = ml_collections.ConfigDict({
+            option: default if value_type is not None else config_dict.FieldReference(default, field_type=object)
+            for option, (default, value_type) in option_defaults(name).items()
+        })
+    return options
 
 
 def get_config():
@@ -19,13 +38,15 @@ def get_config():
     config.seed = 42                      # seeds prompts, noise, timesteps (per rank offsets are derived)
     config.num_epochs = 100000            # epochs of (sample -> score -> train)
     config.save_freq = 30                 # save a checkpoint every N epochs (0 = only at the end)
-    config.eval_freq = 30                 # evaluate every N epochs (0 = never)
+    config.eval_freq = 10                 # evaluate every N epochs (0 = never), and after the last (upstream: 10)
+    config.eval_at_start = True           # also evaluate the base model before the first update (upstream: epoch 0)
     config.checkpoints_total_limit = 5    # keep the newest N checkpoints
     config.resume_from = ""               # checkpoint dir, or run dir (-> its latest checkpoint); "" = fresh
     config.mixed_precision = "fp16"       # "no" | "fp16" | "bf16": autocast dtype of the trained forward
     config.base_dtype = "auto"            # frozen weights: "auto" (the autocast dtype on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     config.allow_tf32 = True              # TF32 matmuls on Ampere+
     config.device = "auto"                # "auto" (cuda if available) | "cpu" | "cuda"
+    config.dist_timeout_s = 1800.0        # a collective waiting longer for a dead / stuck rank ends the job (all ranks)
 
     # ---- pretrained model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
@@ -37,10 +58,10 @@ def get_config():
     lora.rank = 32                        # LoRA rank r
     lora.alpha = 64                       # LoRA alpha (scale alpha / r)
     lora.init = "gaussian"                # peft init_lora_weights
-    lora.target_modules = [               # attention projections of SD3's joint blocks
+    lora.target_modules = (               # attention projections of SD3's joint blocks (a tuple: overridable)
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
-    ]
+    )
     lora.init_path = ""                   # optional diffusers-format LoRA to start from
 
     # ---- prompts ----
@@ -54,7 +75,9 @@ def get_config():
     sample.resolution = 512               # image side in pixels
     sample.num_steps = 10                 # solver steps for training rollouts
     sample.eval_num_steps = 40            # solver steps for evaluation
-    sample.solver = "dpm2"                # "dpm2" (DPM-Solver++ 2M, upstream) | "flow" (Euler / SDE with eta)
+    sample.eval_solver = "flow"           # evaluation solver, deterministic (eta 0): "flow" = Euler (upstream) | any sample.solver
+    sample.solver = "dpm2"                # "dpm2" (DPM-Solver++ 2M, upstream) | "dpm1" | "flow" (Euler / SDE with eta)
+                                          # | "ddim" (eta <= 1) | "dance" (DanceGRPO SDE); upstream solver.py's five
     sample.eta = 0.0                      # SDE noise level of the "flow" solver (0 = deterministic)
     sample.guidance_scale = 1.0           # CFG scale for training rollouts (1.0 = CFG-free, upstream)
     sample.eval_guidance_scale = 1.0      # CFG scale for evaluation
@@ -79,12 +102,16 @@ def get_config():
     train.beta = 1.0                      # implicit-policy strength beta (upstream config.beta)
     train.kl_weight = 1e-4                # weight of mean (v_theta - v_ref)^2 (upstream config.train.beta)
     train.adv_clip_max = 5.0              # advantage clip c; r = 1/2 + 1/2 clip(A / c) and loss scale
+    train.adv_mode = "all"                # upstream loss variant per location: "all" | "positive_only" | "negative_only"
+                                          # | "one_only" | "binary" (u_nft/loss.py apply_adv_mode)
     train.adaptive_weighting = "sample"   # x0-error normaliser: "sample" (upstream) | "location" | "none"
     train.cell_size = 2                   # location cell in latent pixels (1 = latent cell, 2 = transformer token)
     train.estimator = "exact"             # "exact" expectation over U | "monte_carlo"
     train.num_locations = 64              # m locations per image for "monte_carlo"
     train.proposal = "uniform"            # q(U): "uniform" | "low_reward" | "informative" (with weights p/q)
     train.proposal_mix = 0.1              # q = (1 - mix) q_focus + mix p
+    train.score_sampled_cells = True      # monte_carlo + uniform proposal + an occlusion map: draw U before scoring and
+                                          # score only the drawn cells (m + 1 scorer images per sample, not |U| + 1)
     train.map_normalization = "group"     # "group" (seed §5.1) | "none" (maps already in [0, 1], e.g. masks)
     train.map_scale = "global"            # Z: "global" (upstream std) | "group" | "location" | "fixed"
     train.map_sigma_min = 1e-2            # floor of the per-location std ("location")
@@ -93,14 +120,17 @@ def get_config():
     train.decay_type = 1                  # old-policy EMA schedule 0 | 1 | 2 (FACTS.md §F)
     train.ema = True                      # EMA of the trained LoRA for evaluation and export
     train.gradient_checkpointing = False  # trade compute for memory in the transformer
+    train.compile = "auto"                # whole-model torch.compile of the trained, merged-old and reference forwards:
+                                          # "auto" (on for CUDA; its speed-up there is not yet measured here) | "on" | "off"
     train.old_policy = "auto"             # v_old and rollouts: "adapter" (LoRA "old") | "merged" (a copy with the
                                           # old LoRA merged, re-merged after each update) | "auto" (merged on GPU)
 
     # ---- rewards ----
     config.reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})  # name -> weight (weighted sum); "pkg.mod:fn" for your own
-    config.reward_options = ml_collections.ConfigDict()  # name -> dict of scorer options
+    config.reward_options = scorer_options()  # name -> that scorer's factory options (see scorer_options)
     config.eval_reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})  # rewards reported at evaluation
     config.reward_workers = 4             # threads that score chunks of a batch while the next batch samples
+    config.reward_timeout_s = 600.0       # a scorer call running longer fails, naming scorer and batch (0 = no limit)
 
     # ---- logging ----
     config.logging = logging = ml_collections.ConfigDict()

@@ -35,13 +35,13 @@ _u_nft = _load_sibling("u_nft")
 tiny, TINY_REGIONS, _reward = _u_nft.tiny, _u_nft.TINY_REGIONS, _u_nft.single_reward
 
 # Four independent regions with their own targets: the tiny model paints each quadrant a random colour.
-QUADRANT_REGIONS = [
-    {"box": [0.0, 0.0, 0.5, 0.5], "color": [1.0, 0.1, 0.1]},   # top left: red
-    {"box": [0.5, 0.0, 1.0, 0.5], "color": [0.1, 0.8, 0.1]},   # top right: green
-    {"box": [0.0, 0.5, 0.5, 1.0], "color": [0.1, 0.2, 1.0]},   # bottom left: blue
-    {"box": [0.5, 0.5, 1.0, 1.0], "color": [1.0, 0.9, 0.1]},   # bottom right: yellow
-]
-GLOBAL_COLOR = [1.0, 0.6, 0.1]  # orange, for the image-mean control
+QUADRANT_REGIONS = (  # tuples, as every list-valued config value (ml_collections overrides tuples)
+    {"box": (0.0, 0.0, 0.5, 0.5), "color": (1.0, 0.1, 0.1)},   # top left: red
+    {"box": (0.5, 0.0, 1.0, 0.5), "color": (0.1, 0.8, 0.1)},   # top right: green
+    {"box": (0.0, 0.5, 0.5, 1.0), "color": (0.1, 0.2, 1.0)},   # bottom left: blue
+    {"box": (0.5, 0.5, 1.0, 1.0), "color": (1.0, 0.9, 0.1)},   # bottom right: yellow
+)
+GLOBAL_COLOR = (1.0, 0.6, 0.1)  # orange, for the image-mean control
 # The control scorer lives in scripts/dense_vs_scalar.py; the train script's folder (scripts/) is on
 # sys.path when it runs, so the plug-in name resolves there (reward_maps.base.resolve_factory).
 GLOBAL_SCORER = "dense_vs_scalar:global_color_map"

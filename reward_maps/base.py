@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any, Callable, Protocol
 
 import torch
@@ -30,6 +31,9 @@ __all__ = [
     "register",
     "registered_names",
     "build_scorer",
+    "check_options",
+    "option_defaults",
+    "dataset_problems",
     "check_images",
     "validate_output",
 ]
@@ -63,19 +67,43 @@ class RewardScorer(Protocol):
 
 
 Factory = Callable[..., RewardScorer]
+# validate(prompts, metadata, **options) -> [(sample index, why)]: checks a whole dataset before any model loads.
+Validator = Callable[..., list[tuple[int, str]]]
 _REGISTRY: dict[str, Factory] = {}
+_VALIDATORS: dict[str, Validator] = {}
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: register a scorer factory under ``name`` (e.g. ``"ocr_map"``)."""
+def register(name: str, validate: Validator | None = None) -> Callable[[Factory], Factory]:
+    """Decorator: register a scorer factory under ``name`` (e.g. ``"ocr_map"``).
+
+    validate: optional dataset check ``validate(prompts, metadata, **options) -> [(index, why)]`` that
+    needs no model (see :func:`dataset_problems`). A plug-in factory offers one as ``factory.validate``.
+    """
 
     def decorate(factory: Factory) -> Factory:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise RewardMapError(f"reward scorer name {name!r} is registered twice")
         _REGISTRY[name] = factory
+        if validate is not None:
+            _VALIDATORS[name] = validate
         return factory
 
     return decorate
+
+
+def dataset_problems(name: str, prompts: list[str], metadata: list[dict],
+                     options: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+    """Every sample of a dataset that scorer ``name`` cannot score, as sorted [(index, why)].
+
+    Runs the scorer's validator (registered with :func:`register`, or a plug-in factory's ``validate``
+    attribute) with the scorer's factory options; no model is loaded. Scorers without one report nothing.
+    """
+    factory = resolve_factory(name)
+    validator = _VALIDATORS.get(name) if ":" not in name else getattr(factory, "validate", None)
+    if validator is None:
+        return []
+    problems = validator(list(prompts), list(metadata), **dict(options or {}))
+    return sorted((int(i), str(why)) for i, why in problems)
 
 
 def _import_builtin_scorers() -> None:
@@ -93,12 +121,20 @@ def resolve_factory(name: str) -> Factory:
     """Registered name, or ``"package.module:callable"`` for a user's own factory."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        dotted = module_name.split(".")
+        if not all(part.isidentifier() for part in dotted) or not attr.isidentifier():
+            raise RewardMapError(
+                f"reward scorer {name!r} is not a valid plug-in name; accepted: 'package.module:callable' "
+                "(a dotted module path, one colon, a function name), e.g. 'reward_maps.examples:center_mask'"
+            )
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
             raise RewardMapError(f"reward scorer {name!r}: cannot import module {module_name!r}: {err}") from err
         if not hasattr(module, attr):
             raise RewardMapError(f"reward scorer {name!r}: module {module_name!r} has no attribute {attr!r}")
+        if not callable(getattr(module, attr)):
+            raise RewardMapError(f"reward scorer {name!r}: {module_name}.{attr} is not callable (expected a factory)")
         return getattr(module, attr)
     _import_builtin_scorers()
     if name not in _REGISTRY:
@@ -109,13 +145,75 @@ def resolve_factory(name: str) -> Factory:
     return _REGISTRY[name]
 
 
-def build_scorer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, **options) -> RewardScorer:
-    """Build a scorer by registered name or ``"package.module:callable"``."""
+def factory_options(factory: Factory) -> dict[str, inspect.Parameter]:
+    """The options a factory accepts: its parameters other than ``device`` and ``dtype``, in order
+    (``**kwargs`` included as a VAR_KEYWORD parameter). Empty if its signature cannot be read."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins / C callables have no readable signature
+        return {}
+    return {n: p for n, p in parameters.items() if n not in ("device", "dtype") and p.kind != p.VAR_POSITIONAL}
+
+
+_PLAIN_TYPES = (bool, int, float, str, tuple)
+
+
+def option_defaults(name: str) -> dict[str, tuple[Any, type | None]]:
+    """Every option of scorer ``name`` as ``{option: (default, value_type)}``, in signature order.
+
+    default: the factory's default, lists turned into tuples (None for an option without default, e.g.
+    ``occlusion_map``'s ``scorer``). value_type: the one plain type (bool, int, float, str or tuple) the
+    option takes when its annotation is that type or absent; None when it takes several (``str | None``,
+    ``int | Sequence[int]``, a list of dicts, ...). ``config.reward_options`` is declared from this.
+    """
+    out = {}
+    for option, param in factory_options(resolve_factory(name)).items():
+        if param.kind == param.VAR_KEYWORD:
+            continue
+        default = None if param.default is param.empty else param.default
+        if isinstance(default, list):
+            default = tuple(default)
+        annotation = param.annotation
+        annotation = "" if annotation is param.empty else getattr(annotation, "__name__", str(annotation))
+        value_type = type(default) if type(default) in _PLAIN_TYPES else None
+        if value_type is not None and annotation and annotation.split("[")[0] != value_type.__name__:
+            value_type = None
+        out[option] = (default, value_type)
+    return out
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise :class:`RewardMapError` if scorer ``name``'s factory cannot take ``options`` (an unknown
+    name, a missing required one), listing the options it accepts. Only binds; builds nothing."""
     factory = resolve_factory(name)
     try:
-        return factory(device=device, dtype=dtype, **options)
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no readable signature: the call itself will tell
+        return
+    try:
+        signature.bind(device="cpu", dtype=torch.float32, **options)
     except TypeError as err:
-        raise RewardMapError(f"reward scorer {name!r}: bad options {sorted(options)}: {err}") from err
+        accepted = ", ".join(factory_options(factory)) or "none"
+        raise RewardMapError(
+            f"reward scorer {name!r}: bad options {sorted(options)}: {err}; accepted options: {accepted}"
+        ) from err
+
+
+def build_scorer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, **options) -> RewardScorer:
+    """Build a scorer by registered name or ``"package.module:callable"``.
+
+    Options that the factory's signature does not accept (unknown or missing names) raise
+    :class:`RewardMapError` listing the accepted ones; any error raised *inside* the factory propagates
+    unchanged, with a note naming the scorer.
+    """
+    factory = resolve_factory(name)
+    check_options(name, options)
+    try:
+        return factory(device=device, dtype=dtype, **options)
+    except Exception as err:
+        if hasattr(err, "add_note"):  # Python >= 3.11
+            err.add_note(f"(raised while building reward scorer {name!r} with options {sorted(options)})")
+        raise
 
 
 def check_images(name: str, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> None:

@@ -13,9 +13,13 @@ cos is the cosine of the projected text (EOS token) and image (CLS token) embedd
 
 Image preprocessing runs on tensors, in torch, so gradients reach the pixels (no PIL, no torchvision):
 
-    "shortest" (CLIPProcessor; PickScore, CLIPScore): resize the shortest side to ``size`` (the long side to
+    "shortest" (CLIPProcessor; PickScore): resize the shortest side to ``size`` (the long side to
         ``int(size * long / short)``, as transformers does), bicubic with antialiasing, centre crop
         ``crop`` (offset ``(new - crop) // 2``), OpenAI mean/std.
+    CLIPScore (flow_grpo ``clip_scorer.py``, torchvision 0.21): the same geometry with torchvision's
+        ``Resize(224)`` on the float tensor, i.e. bilinear with antialias=True (torchvision's default for
+        tensors since 0.17; 0.15/0.16 defaulted to no antialias on tensors), no clipping or uint8 rounding,
+        then ``CenterCrop`` (offset ``int(round((new - crop) / 2))``) and the processor's mean/std.
     "longest" (open_clip ``ResizeMaxSize``; HPS v2.1): resize the longest side to ``size`` (the other to
         ``round(size * side / longest)``), bicubic with antialiasing, pad to a square with 0 (black;
         ``pad // 2`` before, the rest after), then OpenAI mean/std. Unlike open_clip, an image whose longest
@@ -29,12 +33,19 @@ token, so padding to 77 instead of upstream's ``padding=True`` (longest) gives t
 
 Dense maps, option ``map_method``:
 
-    "patch_text"   (default; one forward) MaskCLIP (Zhou et al., ECCV 2022): the last vision block's
-                   value path for the patch tokens, ``out_proj(v_proj(layer_norm1(h)))`` with no q/k mixing,
-                   residual or MLP, then ``post_layernorm`` and ``visual_projection``; its cosine with the text
-                   embedding, in the same units as the scalar (``logit_scale.exp() * cos / 26`` for
-                   PickScore), so ``value_range`` is the scalar's range ``(-s, s)``. Group normalisation later
-                   removes any positive affine map, so no sigmoid is applied.
+    "value_path"   (default; one forward) ClearCLIP-like (Lan et al., ECCV 2024 drop the residual and the
+                   feed-forward of the last block): the last vision block's value path for the patch tokens,
+                   ``out_proj(v_proj(layer_norm1(h)))`` with no q/k mixing, residual or MLP, then
+                   ``post_layernorm`` and ``visual_projection``; its cosine with the text embedding, in the
+                   same units as the scalar (``logit_scale.exp() * cos / 26`` for PickScore), so
+                   ``value_range`` is the scalar's range ``(-s, s)``. Group normalisation later removes any
+                   positive affine map, so no sigmoid is applied. (Called "patch_text" before; that name
+                   is rejected with a pointer here.)
+    "maskclip"     (one forward) MaskCLIP (Zhou et al., ECCV 2022): the last block with its q/k attention
+                   replaced by the value path (each token attends to itself only) but keeping the residual
+                   and the MLP: ``h' = h + out_proj(v_proj(layer_norm1(h)))``, ``h'' = h' + mlp(layer_norm2(h'))``,
+                   then ``post_layernorm`` and ``visual_projection``; same units and range as "value_path".
+                   docs/clip_maps.md compares how the two localise.
     "grad_x_input" (one backward) ``sum_c x * d score / d x`` per pixel (baseline: black image), summed over
                    the pixels of each map cell (so the cells add up to the first-order Taylor attribution
                    ``sum x * grad``); signed, unbounded (value_range None). Pixels the crop drops get 0,
@@ -44,7 +55,7 @@ Dense maps, option ``map_method``:
 
 The map lives in the full image frame on a grid of ``map_size`` cells (default: one cell per vision
 patch, extended to the image's aspect ratio; a square image gets exactly the patch grid). For
-"patch_text" each cell takes the patch under its centre. Cells whose centre falls outside the centre
+the patch methods each cell takes the patch under its centre. Cells whose centre falls outside the centre
 crop (non-square images, "shortest" mode) were never seen by the scorer: ``outside_crop="global"``
 (default) gives them the image's scalar score, so after group normalisation they carry the scalar
 DiffusionNFT signal; ``"edge"`` repeats the nearest patch.
@@ -92,7 +103,9 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAP_METHODS = ("patch_text", "grad_x_input", "occlusion")
+PATCH_PATHS = ("value_path", "maskclip")  # map methods that read the patch tokens (one forward)
+MAP_METHODS = (*PATCH_PATHS, "grad_x_input", "occlusion")
+RENAMED_MAP_METHODS = {"patch_text": "value_path"}  # old name -> new name (the map itself is unchanged)
 OUTSIDE_CROP = ("global", "edge")
 TEXT_MAX_LENGTH = 77
 _PIL_TO_TORCH_MODE = {3: "bicubic", 2: "bilinear"}  # PIL resample codes the tensor path reproduces
@@ -102,7 +115,10 @@ _PIL_TO_TORCH_MODE = {3: "bicubic", 2: "bilinear"}  # PIL resample codes the ten
 PRESETS: dict[str, dict[str, Any]] = {
     "pickscore": dict(model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                       resize="shortest", divisor=26.0),
-    "clipscore": dict(model="openai/clip-vit-large-patch14", processor=None, resize="shortest", divisor=100.0),
+    # flow_grpo clip_scorer.py: torchvision Resize(224) (bilinear, antialias) + CenterCrop + Normalize on
+    # float tensors, whatever the processor's resample says.
+    "clipscore": dict(model="openai/clip-vit-large-patch14", processor=None, resize="shortest", divisor=100.0,
+                      transform="torchvision"),
     "hps": dict(model=None, processor=None, resize="longest", divisor=None),
 }
 
@@ -117,7 +133,9 @@ class Preprocess:
 
     resize: "shortest" (resize shortest side to ``size``, centre crop) or "longest" (resize longest side
     to ``size``, zero pad); crop: model input (h, w); interpolation: torch mode ("bicubic" | "bilinear");
-    mean, std: per-channel normalisation.
+    mean, std: per-channel normalisation; clamp: clip resized pixels to [0, 1] (PIL's uint8 output does);
+    crop_offset: "floor" (transformers ``(new - crop) // 2``) or "round" (torchvision ``CenterCrop``:
+    ``int(round((new - crop) / 2))``, Python's round-half-to-even).
     """
 
     resize: str
@@ -126,6 +144,8 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    clamp: bool = True
+    crop_offset: str = "floor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +172,8 @@ def placement(height: int, width: int, prep: Preprocess) -> Placement:
         new_h, new_w = (prep.size, new_long) if height <= width else (new_long, prep.size)
         if new_h < crop_h or new_w < crop_w:
             raise RewardMapError(f"preprocess: resized image {new_h}x{new_w} is smaller than the crop {crop_h}x{crop_w}")
+        if prep.crop_offset == "round":  # torchvision CenterCrop
+            return Placement(new_h, new_w, int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0)))
         return Placement(new_h, new_w, (new_h - crop_h) // 2, (new_w - crop_w) // 2)
     if prep.resize == "longest":
         scale = prep.size / max(height, width)
@@ -168,7 +190,8 @@ def preprocess_images(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     x = images.float()
     if (pl.new_h, pl.new_w) != (H, W):
         x = F.interpolate(x, size=(pl.new_h, pl.new_w), mode=prep.interpolation, align_corners=False, antialias=True)
-        x = x.clamp(0.0, 1.0)  # PIL resizes to uint8, which clips the bicubic overshoot
+        if prep.clamp:
+            x = x.clamp(0.0, 1.0)  # PIL resizes to uint8, which clips the bicubic overshoot
     if pl.top >= 0 and pl.left >= 0:
         x = x[..., pl.top:pl.top + crop_h, pl.left:pl.left + crop_w]
     else:
@@ -233,6 +256,21 @@ def _pooled(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def _run_encoder_layer(layer: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """One unmasked ``CLIPEncoderLayer`` pass (B, T, C) -> (B, T, C) on every supported transformers.
+
+    transformers 4.x's layer takes ``(hidden, attention_mask, causal_attention_mask)`` and returns a
+    tuple; 5.x dropped ``causal_attention_mask`` and returns the tensor.
+    """
+    import inspect
+
+    if "causal_attention_mask" in inspect.signature(layer.forward).parameters:
+        out = layer(hidden, None, None)
+    else:
+        out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def encode_text(model: Any, tokenizer: Any, texts: list[str], device: torch.device | str) -> torch.Tensor:
     """Projected text embeddings (N, D), not normalised: padding to 77 tokens with truncation."""
     tokens = tokenizer(texts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt")
@@ -240,22 +278,30 @@ def encode_text(model: Any, tokenizer: Any, texts: list[str], device: torch.devi
                                            attention_mask=tokens["attention_mask"].to(device)))
 
 
-def encode_image(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One vision pass -> (global (B, D), MaskCLIP patch embeddings (B, gh, gw, D)); neither normalised.
+def encode_image(model: Any, pixel_values: torch.Tensor, patch_path: str = "value_path"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One vision pass -> (global (B, D), patch embeddings (B, gh, gw, D)); neither normalised.
 
     global  = visual_projection(post_layernorm(CLS of the last block))  == ``get_image_features``.
-    patches = visual_projection(post_layernorm(out_proj(v_proj(layer_norm1(h)))))  for the patch tokens h
-              entering the last block (MaskCLIP's value path: no q/k attention, residual or MLP).
+    For the patch tokens h entering the last block, with a = out_proj(v_proj(layer_norm1(h))) (the
+    attention output when every token attends only to itself):
+      "value_path" (ClearCLIP-like)  patches = visual_projection(post_layernorm(a))  (no residual, no MLP)
+      "maskclip"   (MaskCLIP)        h' = h + a;  patches = visual_projection(post_layernorm(h' + mlp(layer_norm2(h'))))
     """
+    if patch_path not in PATCH_PATHS:
+        raise RewardMapError(f"encode_image: patch_path must be one of {PATCH_PATHS}, got {patch_path!r}")
     vision = model.vision_model
     hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
     *body, last = vision.encoder.layers
     for layer in body:
-        hidden = layer(hidden, None)
-    cls = last(hidden, None)[:, 0]
+        hidden = _run_encoder_layer(layer, hidden)
+    cls = _run_encoder_layer(last, hidden)[:, 0]
     global_embedding = model.visual_projection(vision.post_layernorm(cls))
     attention = last.self_attn
     values = attention.out_proj(attention.v_proj(last.layer_norm1(hidden[:, 1:])))
+    if patch_path == "maskclip":
+        values = hidden[:, 1:] + values
+        values = values + last.mlp(last.layer_norm2(values))
     patches = model.visual_projection(vision.post_layernorm(values))
     config = model.config.vision_config
     gh, gw = pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size
@@ -360,7 +406,7 @@ class ClipMapScorer:
 
     @property
     def value_bound(self) -> float:
-        """Largest |map| of "patch_text": sum_j |w_j| * (logit_scale.exp() / divisor, or 1)."""
+        """Largest |map| of the patch methods: sum_j |w_j| * (logit_scale.exp() / divisor, or 1)."""
         unit = 1.0 if self.divisor is None else float(self.model.logit_scale.exp()) / self.divisor
         return unit * sum(abs(w) for _, w in self.texts)
 
@@ -387,7 +433,8 @@ class ClipMapScorer:
         text = self.text_embeddings(prompts)
         weights = torch.tensor([w for _, w in self.texts], device=self.device)
         pixels = preprocess_images(images.to(self.device), self.prep).to(self.dtype)
-        global_embedding, patches = encode_image(self.model, pixels)
+        patch_path = self.map_method if self.map_method in PATCH_PATHS else "value_path"
+        global_embedding, patches = encode_image(self.model, pixels, patch_path)
         cos_global = torch.einsum("bd,bjd->bj", F.normalize(global_embedding.float(), dim=-1), text)
         cos_patch = torch.einsum("bhwd,bjd->bjhw", F.normalize(patches.float(), dim=-1), text)
         scores = torch.einsum("bj,j->b", self._cos_to_score(cos_global), weights)
@@ -426,7 +473,7 @@ class ClipMapScorer:
         check_images(self.name, images, prompts, metadata)
         H, W = images.shape[-2:]
         size = self.resolve_map_size(H, W)
-        if self.map_method == "patch_text":
+        if self.map_method in PATCH_PATHS:
             with torch.no_grad():
                 scores, patch_scores = self.forward(images, prompts)
             maps = patch_map_to_frame(patch_scores, H, W, self.prep, size, self.outside_crop, scores)
@@ -450,6 +497,10 @@ class ClipMapScorer:
 
 def _check_options(name: str, map_method: str, map_size: Any, outside_crop: str, occlusion_fill: Any,
                    occlusion_batch: Any) -> tuple[int, int] | None:
+    if map_method in RENAMED_MAP_METHODS:
+        raise RewardMapError(f"reward scorer {name!r}: option map_method={map_method!r} was renamed "
+                             f"{RENAMED_MAP_METHODS[map_method]!r} (a ClearCLIP-like value path, not MaskCLIP); "
+                             f"choose from {MAP_METHODS}")
     if map_method not in MAP_METHODS:
         raise RewardMapError(f"reward scorer {name!r}: option map_method must be one of {MAP_METHODS}, got {map_method!r}")
     if outside_crop not in OUTSIDE_CROP:
@@ -496,14 +547,20 @@ def _load_preprocess(name: str, preset: str, processor: str, model: Any) -> tupl
     if crop != (vision.image_size, vision.image_size):
         raise RewardMapError(f"reward scorer {name!r}: processor {processor!r} crops to {crop}, but the model expects "
                              f"{vision.image_size}x{vision.image_size} inputs")
-    prep = Preprocess("shortest", int(ip.size["shortest_edge"]), crop, _PIL_TO_TORCH_MODE[resample],
-                      tuple(float(m) for m in ip.image_mean), tuple(float(s) for s in ip.image_std))
+    mean, std = tuple(float(m) for m in ip.image_mean), tuple(float(s) for s in ip.image_std)
+    if PRESETS[preset].get("transform") == "torchvision":
+        # torchvision 0.21 (flow_grpo's pin): Resize on a float tensor = bilinear with antialias=True
+        # (the default since 0.17), no uint8 rounding or clipping; CenterCrop rounds the offset.
+        prep = Preprocess("shortest", int(ip.size["shortest_edge"]), crop, "bilinear", mean, std,
+                          clamp=False, crop_offset="round")
+    else:
+        prep = Preprocess("shortest", int(ip.size["shortest_edge"]), crop, _PIL_TO_TORCH_MODE[resample], mean, std)
     return loaded.tokenizer, prep
 
 
 def build_clip_map_scorer(name: str, preset: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                           model: str | None = None, processor: str | None = None,
-                          texts: Sequence[tuple[str, float]] = (("{prompt}", 1.0),), map_method: str = "patch_text",
+                          texts: Sequence[tuple[str, float]] = (("{prompt}", 1.0),), map_method: str = "value_path",
                           map_size: int | Sequence[int] | None = None, outside_crop: str = "global",
                           occlusion_fill: str | float = "mean", occlusion_batch: int = 16) -> ClipMapScorer:
     """Load model and processor once and build a :class:`ClipMapScorer` for ``preset`` in :data:`PRESETS`."""
@@ -517,7 +574,7 @@ def build_clip_map_scorer(name: str, preset: str, *, device: str = "cpu", dtype:
     if model is None:
         raise RewardMapError(
             f"reward scorer {name!r}: option model is required: a transformers CLIPModel directory holding HPS v2.1 "
-            "weights converted with reward_maps.clip_family.convert_open_clip_state_dict (see its module docstring)"
+            "weights: python scripts/convert_hps_to_transformers.py --checkpoint HPS_v2.1_compressed.pt --out DIR"
         )
     processor = processor or PRESETS[preset]["processor"] or model
     clip = _load_model(name, model, device, dtype)
@@ -529,7 +586,7 @@ def build_clip_map_scorer(name: str, preset: str, *, device: str = "cpu", dtype:
 @register("pickscore_map")
 def pickscore_map(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
                   model: str = PRESETS["pickscore"]["model"], processor: str = PRESETS["pickscore"]["processor"],
-                  map_method: str = "patch_text", map_size: int | Sequence[int] | None = None,
+                  map_method: str = "value_path", map_size: int | Sequence[int] | None = None,
                   outside_crop: str = "global", occlusion_fill: str | float = "mean",
                   occlusion_batch: int = 16) -> ClipMapScorer:
     """PickScore_v1: score = logit_scale.exp() * cos / 26; model/processor: hub id or local directory."""
@@ -542,7 +599,7 @@ def pickscore_map(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
 @register("clipscore_map")
 def clipscore_map(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
                   model: str = PRESETS["clipscore"]["model"], processor: str | None = None,
-                  map_method: str = "patch_text", map_size: int | Sequence[int] | None = None,
+                  map_method: str = "value_path", map_size: int | Sequence[int] | None = None,
                   outside_crop: str = "global", occlusion_fill: str | float = "mean",
                   occlusion_batch: int = 16) -> ClipMapScorer:
     """CLIPScore (flow_grpo): score = logit_scale.exp() * cos / 100; processor defaults to the model dir."""
@@ -554,7 +611,7 @@ def clipscore_map(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
 
 @register("hps_map")
 def hps_map(device: str = "cpu", dtype: torch.dtype = torch.float32, *, model: str | None = None,
-            processor: str | None = None, map_method: str = "patch_text",
+            processor: str | None = None, map_method: str = "value_path",
             map_size: int | Sequence[int] | None = None, outside_crop: str = "global",
             occlusion_fill: str | float = "mean", occlusion_batch: int = 16) -> ClipMapScorer:
     """HPS v2.1-style: score = cos; "longest" resize + zero pad; model = converted transformers directory."""

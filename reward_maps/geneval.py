@@ -3,9 +3,13 @@
 Registered as ``geneval_map``. The rules (thresholds, verdicts, partial score, map rule) live in
 :mod:`reward_maps.geneval_rules`; this module runs the models, transformers only (no mmdet/mmcv):
 
-- detector: ``Mask2FormerForUniversalSegmentation`` (default ``facebook/mask2former-swin-small-coco-instance``,
-  the transformers port of GenEval's mmdet ``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco``), with
-  mmdet's test-time pre/post-processing rewritten here (transformers' ``post_process_instance_segmentation``
+- detector: ``Mask2FormerForUniversalSegmentation``. Upstream's numbers need upstream's weights: GenEval's
+  mmdet checkpoint ``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth``
+  converted with ``scripts/convert_geneval_detector.py`` (:mod:`reward_maps.mmdet_convert`); pass the
+  output folder as ``detector``. The default ``facebook/mask2former-swin-small-coco-instance`` is the same
+  architecture trained by facebookresearch/Mask2Former (detectron2), so its detections, and hence scores,
+  differ from GenEval's. mmdet's test-time pre/post-processing is rewritten here (Pad 128 before
+  Normalize, cv2 bilinear resize; transformers' ``post_process_instance_segmentation``
   resizes masks through a fixed 384×384 grid, thresholds with ``>=`` and rounds scores to 6 decimals,
   which would break GenEval's float32 ``>`` thresholds);
 - colour model: ``CLIPModel`` (default ``openai/clip-vit-large-patch14`` = open_clip ViT-L-14 "openai"),
@@ -48,6 +52,8 @@ __all__ = [
     "quantize_images",
     "detector_input_size",
     "preprocess_for_detector",
+    "jpeg_roundtrip",
+    "CONVENTIONS",
     "masks_to_boxes",
     "instance_postprocess",
     "coco_label_names",
@@ -68,9 +74,33 @@ COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "
 # keep_ratio, Pad(size_divisor=32); Mask2Former test_cfg max_per_image=100.
 DETECTOR_MEAN = (123.675, 116.28, 103.53)
 DETECTOR_STD = (58.395, 57.12, 57.375)
+DETECTOR_PAD_VALUE = 128  # mmdet Pad(pad_val=dict(img=(128, 128, 128))), applied before Normalize
+
+# Named input conventions (option ``convention``): what reaches the detector.
+#   official      GenEval evaluate_images.py: mmdet loads the PNG from disk (BGR) and flips it to RGB.
+#   diffusionnft  NVlabs/DiffusionNFT flow_grpo/gen_eval.py: ``inference_detector`` gets RGB numpy arrays,
+#                 which mmdet takes for BGR, so the network sees BGR. Colours are classified on RGB.
+#   flow_grpo     yifan123/flow_grpo rewards.geneval_score + reward-server: PIL JPEG (quality 75) round
+#                 trip, then the same RGB arrays as diffusionnft; the colour classifier sees the JPEG too.
+CONVENTIONS = {
+    "official": dict(swap_channels=False, jpeg_quality=None),
+    "diffusionnft": dict(swap_channels=True, jpeg_quality=None),
+    "flow_grpo": dict(swap_channels=True, jpeg_quality=75),
+}
+DEFAULT_CONVENTION = "official"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GREY_999 = 0x99  # GenEval pastes the object over solid #999 before colour classification
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers' ``from_pretrained`` dtype keyword: ``dtype`` from 4.56 (``torch_dtype`` deprecated
+    there), ``torch_dtype`` before (4.46-4.55 pass an unknown ``dtype`` on to the model's ``__init__``)."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    return {key: dtype}
 
 
 def _error(problem: str) -> RewardMapError:
@@ -93,18 +123,36 @@ def detector_input_size(height: int, width: int, short_edge: int = 800, long_edg
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def _resize_bilinear_u8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, W) float holding uint8 values -> (B, 3, h, w), as mmcv ``imresize`` (cv2 INTER_LINEAR on uint8).
+
+    Uses OpenCV when it is importable (bit-exact with mmcv: cv2's fixed-point bilinear); otherwise torch
+    bilinear (half-pixel centres, no antialias) rounded back to uint8, which can differ from cv2 by 1 grey
+    level on some pixels.
+    """
+    try:
+        import cv2
+    except ImportError:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+    arrays = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    resized = [cv2.resize(np.ascontiguousarray(a), (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for a in arrays]
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().to(x.device)
+
+
 def preprocess_for_detector(
     images_u8: torch.Tensor,
     short_edge: int = 800,
     long_edge: int = 1333,
     size_divisor: int = 32,
     swap_channels: bool = False,
+    pad_value: int = DETECTOR_PAD_VALUE,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, 3) uint8 RGB → normalised, zero-padded pixel values (B, 3, Hp, Wp) and the resized (h, w).
+    """(B, H, W, 3) uint8 RGB → normalised, padded pixel values (B, 3, Hp, Wp) and the resized (h, w).
 
-    Bilinear resize (half-pixel centres, no antialias, rounded back to uint8 like cv2 on uint8 input),
-    then (x − mean)/std, then zero padding at the bottom/right up to a multiple of ``size_divisor``.
-    ``swap_channels`` feeds BGR instead, which is what mmdet sees when given an RGB array (reward-server).
+    GenEval's mmdet test pipeline, in its order: Resize(1333, 800, keep_ratio) bilinear on uint8
+    (:func:`_resize_bilinear_u8`), Pad(size_divisor=32) at the bottom/right with the raw pixel value
+    ``pad_value`` (128), then Normalize: (x − mean)/std. ``swap_channels`` feeds BGR instead, which is
+    what mmdet's network sees when it is handed an RGB array (DiffusionNFT / reward-server).
     """
     b, h, w, _ = images_u8.shape
     rh, rw = detector_input_size(h, w, short_edge, long_edge)
@@ -112,15 +160,33 @@ def preprocess_for_detector(
     if swap_channels:
         x = x.flip(1)
     if (rh, rw) != (h, w):
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False).round().clamp(0, 255)
-    # With swap_channels the RGB-ordered mean/std still apply: mmdet's to_rgb flip runs before
+        x = _resize_bilinear_u8(x, (rh, rw))
+    ph, pw = -(-rh // size_divisor) * size_divisor, -(-rw // size_divisor) * size_divisor
+    x = F.pad(x, (0, pw - rw, 0, ph - rh), value=float(pad_value))
+    # With swap_channels the RGB-ordered mean/std still apply: mmdet's to_rgb flip runs inside
     # Normalize, so an RGB array reaches the network as BGR normalised with RGB statistics.
     mean = torch.tensor(DETECTOR_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(DETECTOR_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    ph, pw = -(-rh // size_divisor) * size_divisor, -(-rw // size_divisor) * size_divisor
-    x = F.pad(x, (0, pw - rw, 0, ph - rh))
-    return x, (rh, rw)
+    return (x - mean) / std, (rh, rw)
+
+
+def jpeg_roundtrip(images_u8: torch.Tensor, quality: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → the same after PIL JPEG encode (``quality``, PIL's default 4:2:0) and decode.
+
+    Flow-GRPO's ``geneval_score`` sends ``Image.save(buf, format="JPEG")`` bytes (quality 75) to its
+    reward server, which decodes them with PIL before the detector and the colour classifier.
+    """
+    import io
+
+    from PIL import Image
+
+    out = []
+    for array in images_u8.cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        out.append(np.asarray(Image.open(buffer, formats=["JPEG"]).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).to(images_u8.device)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -285,6 +351,9 @@ class ColorClassifier:
 
 
 def _check_options(opts: dict[str, Any]) -> None:
+    if opts["convention"] not in CONVENTIONS:
+        raise _error(f"option convention={opts['convention']!r} must be one of {sorted(CONVENTIONS)} "
+                     f"(default {DEFAULT_CONVENTION!r})")
     for key in ("threshold", "counting_threshold"):
         if not isinstance(opts[key], (int, float)) or not 0.0 <= opts[key] <= 1.0:
             raise _error(f"option {key}={opts[key]!r} must be a number in [0, 1]")
@@ -327,7 +396,8 @@ class GenEvalMapScorer:
         """Run Mask2Former on the batch; per image, the GenEval-selected detections (with masks)."""
         o = self.opts
         pixels, resized = preprocess_for_detector(
-            images_u8, o["detector_short_edge"], o["detector_long_edge"], swap_channels=o["swap_detector_channels"]
+            images_u8, o["detector_short_edge"], o["detector_long_edge"],
+            swap_channels=CONVENTIONS[o["convention"]]["swap_channels"],
         )
         dtype = next(self.detector.parameters()).dtype
         out = self.detector(pixel_values=pixels.to(self.device, dtype))
@@ -365,6 +435,9 @@ class GenEvalMapScorer:
         check_images(NAME, images, prompts, metadata)
         specs = self.parse(metadata)
         images_u8 = quantize_images(images)
+        quality = CONVENTIONS[self.opts["convention"]]["jpeg_quality"]
+        if quality is not None:
+            images_u8 = jpeg_roundtrip(images_u8, quality)
         detections = self.detect(images_u8, specs)
         images_np = images_u8.cpu().numpy()
         height, width = images_u8.shape[1:3]
@@ -376,6 +449,7 @@ class GenEvalMapScorer:
                                           self.opts["missing_weight"]))
             scores.append(verdict.score)
             record = verdict.to_json()
+            record["convention"] = self.opts["convention"]
             record["detections"] = detections_to_json(dets, verdict.credits)
             info.append(record)
         maps_t = torch.stack(maps) if maps else torch.zeros(0, height, width)
@@ -384,7 +458,20 @@ class GenEvalMapScorer:
         return RewardOutput(maps=maps_t, scores=torch.tensor(scores, dtype=torch.float32), info=info, value_range=(0.0, 1.0))
 
 
-@register(NAME)
+def validate_geneval_metadata(prompts: list[str], metadata: list[dict], **options) -> list[tuple[int, str]]:
+    """Dataset check before any model loads: [(index, why)] of samples whose metadata
+    :func:`reward_maps.geneval_rules.parse_metadata` rejects (missing tag / include, unknown class,
+    colour or relation, bad count or position). ``options`` are the factory options (unused)."""
+    problems = []
+    for i, meta in enumerate(metadata):
+        try:
+            parse_metadata(meta, scorer=NAME, index=i)
+        except GenEvalMetadataError as err:
+            problems.append((i, str(err).replace(f"reward scorer {NAME!r}: metadata[{i}]", "metadata", 1)))
+    return problems
+
+
+@register(NAME, validate=validate_geneval_metadata)
 def geneval_map(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -398,7 +485,7 @@ def geneval_map(
     max_per_image: int = 100,
     detector_short_edge: int = 800,
     detector_long_edge: int = 1333,
-    swap_detector_channels: bool = False,
+    convention: str = DEFAULT_CONVENTION,
     clip_batch_size: int = 16,
     missing_weight: float = 1.0,
     map_size: int | tuple[int, int] | None = None,
@@ -407,8 +494,9 @@ def geneval_map(
 
     detector / clip_model: hub id or local directory (``from_pretrained``). Thresholds as GenEval
     (score > 0.3, > 0.9 for counting prompts, ≤ 16 per class, NMS off, position offset 0.1).
-    detector_short_edge/long_edge: mmdet Resize(1333, 800). swap_detector_channels: feed BGR, like
-    reward-server's RGB arrays through mmdet. missing_weight: how much missing objects darken the
+    detector_short_edge/long_edge: mmdet Resize(1333, 800). convention: what reaches the detector, one of
+    :data:`CONVENTIONS` — "official" (default; GenEval's benchmark: RGB), "diffusionnft" (DiffusionNFT's
+    training reward: RGB arrays read as BGR by mmdet), "flow_grpo" (JPEG quality 75, then as diffusionnft). missing_weight: how much missing objects darken the
     background (see :func:`reward_maps.geneval_rules.render_credit_map`). map_size: None = image
     resolution, else area-pooled to (h, w).
     """
@@ -416,18 +504,18 @@ def geneval_map(
         threshold=threshold, counting_threshold=counting_threshold, max_objects=max_objects,
         nms_threshold=nms_threshold, position_threshold=position_threshold, max_per_image=max_per_image,
         detector_short_edge=detector_short_edge, detector_long_edge=detector_long_edge,
-        swap_detector_channels=bool(swap_detector_channels), clip_batch_size=clip_batch_size,
+        convention=convention, clip_batch_size=clip_batch_size,
         missing_weight=missing_weight, map_size=map_size,
     )
     _check_options(opts)
     from transformers import AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
 
     try:
-        det_model = Mask2FormerForUniversalSegmentation.from_pretrained(str(detector), dtype=dtype)
+        det_model = Mask2FormerForUniversalSegmentation.from_pretrained(str(detector), **_dtype_kwargs(dtype))
     except (OSError, ValueError) as err:
         raise _error(f"cannot load detector={str(detector)!r} (hub id or local Mask2Former directory): {err}") from err
     try:
-        clip = CLIPModel.from_pretrained(str(clip_model), dtype=dtype)
+        clip = CLIPModel.from_pretrained(str(clip_model), **_dtype_kwargs(dtype))
         tokenizer = AutoTokenizer.from_pretrained(str(clip_model))
     except (OSError, ValueError) as err:
         raise _error(f"cannot load clip_model={str(clip_model)!r} (hub id or local CLIP directory): {err}") from err

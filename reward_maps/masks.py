@@ -111,13 +111,24 @@ def _parse_color(where: str, value: Any) -> tuple[float, float, float]:
 
 
 def _resolve_path(name: str, path: str, mask_root: str | None) -> str:
-    if os.path.isabs(path):
-        return path
+    """The file a mask path names. With ``mask_root`` every path is confined to it: the path (relative to
+    the root, or absolute) is resolved ('..' and symlinks followed) and must stay inside the resolved root,
+    else RewardMapError. The check reads no file, so its answer is the same whether an outside path exists
+    or not. Without ``mask_root`` only absolute paths are accepted (the layout's author chose them)."""
     if mask_root is None:
+        if os.path.isabs(path):
+            return path
         raise RewardMapError(
             f"reward scorer {name!r}: mask path {path!r} is relative; give an absolute path or option mask_root"
         )
-    return os.path.join(mask_root, path)
+    root = os.path.realpath(mask_root)
+    resolved = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, resolved]) != root:
+        raise RewardMapError(
+            f"reward scorer {name!r}: mask path {path!r} leaves mask_root {mask_root!r}; accepted: paths that stay "
+            "inside mask_root after resolving '..', absolute paths and symlinks"
+        )
+    return resolved
 
 
 def parse_layout(name: str, layout: Any, target_key: str, mask_root: str | None = None) -> tuple[Region, ...]:
@@ -254,6 +265,55 @@ def composite(rewards: torch.Tensor, weights: torch.Tensor, neutral: float) -> t
     return accumulated + (1 - covered) * neutral, accumulated.sum() / covered.sum().clamp(min=1e-12)
 
 
+# Dataset checks (before any model loads) ---------------------------------------------------------
+
+
+def _missing_masks(regions: tuple[Region, ...]) -> list[str]:
+    return [f"mask file {r.mask!r} does not exist" for r in regions if r.mask is not None and not os.path.isfile(r.mask)]
+
+
+def _layout_validator(name: str, target_key: str):
+    def validate(prompts: list[str], metadata: list[dict], regions: list[dict] | None = None,
+                 metadata_key: str = "regions", mask_root: str | None = None, **options) -> list[tuple[int, str]]:
+        """[(index, why)] of samples without a usable layout: none given, a malformed region (box outside
+        [0, 1], bad target), a mask path outside mask_root or a mask file that does not exist."""
+        default = parse_layout(name, regions, target_key, mask_root) if regions is not None else None
+        problems = []
+        for i, meta in enumerate(metadata):
+            layout = meta.get(metadata_key) if isinstance(meta, dict) else None
+            if layout is None:
+                if default is None:
+                    problems.append((i, f"no layout: give metadata[{metadata_key!r}] or the option regions=[...]"))
+                continue
+            try:
+                problems.extend((i, why) for why in _missing_masks(parse_layout(name, layout, target_key, mask_root)))
+            except RewardMapError as err:
+                problems.append((i, f"metadata[{metadata_key!r}]: " + str(err).replace(f"reward scorer {name!r}: ", "")))
+        return problems
+
+    return validate
+
+
+def validate_mask_files(prompts: list[str], metadata: list[dict], metadata_key: str = "mask",
+                        mask_root: str | None = None, **options) -> list[tuple[int, str]]:
+    """mask_file_map's dataset check: [(index, why)] of samples whose ``metadata[metadata_key]`` is not a
+    path string, leaves mask_root, or names a file that does not exist (checked only inside the root)."""
+    problems = []
+    for i, meta in enumerate(metadata):
+        path = meta.get(metadata_key) if isinstance(meta, dict) else None
+        if not isinstance(path, str):
+            problems.append((i, f"metadata[{metadata_key!r}] must be a mask file path, got {path!r}"))
+            continue
+        try:
+            resolved = _resolve_path("mask_file_map", path, mask_root)
+        except RewardMapError as err:
+            problems.append((i, str(err).replace("reward scorer 'mask_file_map': ", "")))
+            continue
+        if not os.path.isfile(resolved):
+            problems.append((i, f"mask file {path!r} does not exist" + (f" under mask_root {mask_root!r}" if mask_root else "")))
+    return problems
+
+
 # Scorers ----------------------------------------------------------------------------------------
 
 
@@ -300,7 +360,7 @@ def _region_scorer(name, target_key, match, device, regions, neutral, blur_sigma
     return scorer
 
 
-@register("region_color_map")
+@register("region_color_map", validate=_layout_validator("region_color_map", "color"))
 def region_color_map(
     device="cpu",
     dtype=torch.float32,
@@ -321,7 +381,7 @@ def region_color_map(
     )
 
 
-@register("region_brightness_map")
+@register("region_brightness_map", validate=_layout_validator("region_brightness_map", "brightness"))
 def region_brightness_map(
     device="cpu",
     dtype=torch.float32,
@@ -340,7 +400,7 @@ def region_brightness_map(
     )
 
 
-@register("region_texture_map")
+@register("region_texture_map", validate=_layout_validator("region_texture_map", "texture"))
 def region_texture_map(
     device="cpu",
     dtype=torch.float32,
@@ -367,7 +427,7 @@ def region_texture_map(
     )
 
 
-@register("mask_file_map")
+@register("mask_file_map", validate=validate_mask_files)
 def mask_file_map(
     device="cpu",
     dtype=torch.float32,

@@ -16,6 +16,13 @@ Cells partition the pixels exactly: cell row i spans rows ``floor(i*H/gh) .. flo
 One full map costs ``gh * gw`` occluded scorer calls per image. :meth:`OcclusionMap.score_cells`
 evaluates only a requested subset of cells (the Monte Carlo location sampling of the loss), so an
 expensive black-box scorer pays only for the locations actually used.
+
+The trainer asks for that subset through the batch metadata: when every sample's metadata holds
+``LOCATIONS_KEY`` = ``{"grid": [gh, gw], "cells": [flat indices on that location grid]}`` (the
+locations U drawn before scoring, see ``u_nft/sampled_cells.py``), the call scores only the occlusion
+cells covering those locations (:func:`covering_cells`): m locations cost at most m + 1 scorer
+images per sample instead of ``gh * gw + 1``. The other cells of the returned map hold 0 and are
+listed as unscored in ``info``; the trainer reads the map at the drawn locations only.
 """
 from __future__ import annotations
 
@@ -37,10 +44,13 @@ __all__ = [
     "occlude_cells",
     "OcclusionMap",
     "occlusion_map",
+    "LOCATIONS_KEY",
+    "covering_cells",
 ]
 
 ScalarFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 FILL_MODES = ("mean", "blur")
+LOCATIONS_KEY = "u_nft_locations"  # per-sample metadata: {"grid": [gh, gw], "cells": [...]} to score only those
 
 
 def cell_edges(size: int, parts: int) -> list[int]:
@@ -129,6 +139,41 @@ def occlude_cells(images: torch.Tensor, content: torch.Tensor, image_index: torc
     return out
 
 
+def covering_cells(cells: Sequence[int], location_grid: Sequence[int], grid: tuple[int, int],
+                   owner: str = "occlusion_map") -> list[int]:
+    """The occlusion cells (flat, sorted, unique) whose values the location cells ``cells`` read.
+
+    ``cells``: flat indices ``i * lw + j`` on ``location_grid`` (lh, lw). The occlusion map of ``grid``
+    (gh, gw) reaches the location grid as :func:`u_nft.normalization.pool_to_grid` takes it there:
+    equal grids map one to one; a coarser occlusion grid (lh a multiple of gh) by nearest expansion,
+    so location (i, j) reads cell (i // (lh/gh), j // (lw/gw)); a finer one (gh a multiple of lh) by
+    block averages, so it reads the whole (gh/lh) x (gw/lw) block. Other grids are refused, as there.
+    """
+    lh, lw = (int(x) for x in location_grid)
+    gh, gw = grid
+    if any(isinstance(u, bool) or not 0 <= int(u) < lh * lw for u in cells):
+        raise RewardMapError(f"{owner}: location cells must be ints in [0, {lh * lw}) for the location grid "
+                             f"{(lh, lw)}, got {list(cells)[:8]}")
+    if (lh, lw) == (gh, gw):
+        blocks = None
+    elif lh % gh == 0 and lw % gw == 0:
+        fh, fw = lh // gh, lw // gw
+        return sorted({(int(u) // lw // fh) * gw + (int(u) % lw) // fw for u in cells})
+    elif gh % lh == 0 and gw % lw == 0:
+        blocks = (gh // lh, gw // lw)
+    else:
+        raise RewardMapError(f"{owner}: grid {grid} neither divides nor is a multiple of the location grid "
+                             f"{(lh, lw)}; pick an occlusion grid that does (or a train.cell_size that does)")
+    if blocks is None:
+        return sorted({int(u) for u in cells})
+    bh, bw = blocks
+    out = set()
+    for u in cells:
+        i, j = divmod(int(u), lw)
+        out.update((i * bh + a) * gw + j * bw + b for a in range(bh) for b in range(bw))
+    return sorted(out)
+
+
 class OcclusionMap:
     """Occlusion map of a scalar scorer; itself a reward-map scorer (see :mod:`reward_maps.base`).
 
@@ -194,30 +239,71 @@ class OcclusionMap:
         with torch.no_grad():
             if base_scores is None:
                 base_scores = self._scores(images, prompts, metadata)
-            content = fill_content(images, self.fill, self.grid, self.blur_sigma)
-            flat_image = torch.arange(B).repeat_interleave(m)
-            flat_cell = cells.reshape(-1)
-            occluded = torch.empty(B * m, dtype=torch.float32)
-            for start in range(0, B * m, self.batch):
-                idx = flat_image[start:start + self.batch]
-                batch_images = occlude_cells(images, content, idx, flat_cell[start:start + self.batch], self.grid)
-                occluded[start:start + len(idx)] = self._scores(
-                    batch_images, [prompts[b] for b in idx.tolist()], [metadata[b] for b in idx.tolist()]
-                ).cpu()
+            occluded = self._occluded_scores(images, prompts, metadata, torch.arange(B).repeat_interleave(m),
+                                             cells.reshape(-1))
         return (base_scores.float().cpu().view(B, 1) - occluded.view(B, m)).to(images.device)
 
+    def _occluded_scores(self, images: torch.Tensor, prompts: list, metadata: list, flat_image: torch.Tensor,
+                         flat_cell: torch.Tensor) -> torch.Tensor:
+        """s(images[flat_image[k]] with cell flat_cell[k] occluded) for every k, (n,) float32 on the CPU,
+        scored in chunks of ``batch`` images."""
+        content = fill_content(images, self.fill, self.grid, self.blur_sigma)
+        occluded = torch.empty(len(flat_image), dtype=torch.float32)
+        for start in range(0, len(flat_image), self.batch):
+            idx = flat_image[start:start + self.batch]
+            batch_images = occlude_cells(images, content, idx, flat_cell[start:start + self.batch], self.grid)
+            occluded[start:start + len(idx)] = self._scores(
+                batch_images, [prompts[b] for b in idx.tolist()], [metadata[b] for b in idx.tolist()]
+            ).cpu()
+        return occluded
+
+    def _requested_cells(self, metadata: list) -> list[list[int]] | None:
+        """Per sample, the occlusion cells covering the locations in ``metadata[b][LOCATIONS_KEY]``;
+        None when no sample asks (score every cell). Some samples asking and others not is an error."""
+        asks = [isinstance(md, dict) and LOCATIONS_KEY in md for md in metadata]
+        if not any(asks):
+            return None
+        if not all(asks):
+            raise RewardMapError(f"{self.name}: metadata[{LOCATIONS_KEY!r}] is set for {sum(asks)} of "
+                                 f"{len(asks)} samples; set it for all of them or for none")
+        requested = []
+        for md in metadata:
+            spec = md[LOCATIONS_KEY]
+            if not isinstance(spec, dict) or "grid" not in spec or "cells" not in spec:
+                raise RewardMapError(f"{self.name}: metadata[{LOCATIONS_KEY!r}] must be "
+                                     f"{{'grid': [rows, cols], 'cells': [flat indices]}}, got {spec!r}")
+            location_grid = parse_grid(tuple(spec["grid"]), f"{self.name} metadata[{LOCATIONS_KEY!r}]")
+            requested.append(covering_cells(spec["cells"], location_grid, self.grid, self.name))
+        return requested
+
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list | None = None) -> RewardOutput:
+        """Full maps, or, when the metadata asks (``LOCATIONS_KEY``, module docstring), maps scored only at
+        the cells covering the requested locations (0 elsewhere; ``info[b]["scored_cells"]`` lists them)."""
         metadata = metadata if metadata is not None else [{} for _ in prompts]
         check_images(self.name, images, prompts, metadata)
+        requested = self._requested_cells(metadata)
+        metadata = [{k: v for k, v in md.items() if k != LOCATIONS_KEY} for md in metadata]  # the inner scorer's
         B = images.shape[0]
         base = self._scores(images, prompts, metadata)
-        all_cells = torch.arange(self.num_cells).expand(B, -1)
-        maps = self.score_cells(images, prompts, metadata, all_cells, base_scores=base).view(B, *self.grid)
+        if requested is None:
+            all_cells = torch.arange(self.num_cells).expand(B, -1)
+            maps = self.score_cells(images, prompts, metadata, all_cells, base_scores=base).view(B, *self.grid)
+        else:
+            flat_image = torch.tensor([b for b, cells in enumerate(requested) for _ in cells], dtype=torch.long)
+            flat_cell = torch.tensor([u for cells in requested for u in cells], dtype=torch.long)
+            with torch.no_grad():
+                occluded = self._occluded_scores(images, prompts, metadata, flat_image, flat_cell)
+            maps = torch.zeros(B, self.num_cells)
+            maps[flat_image, flat_cell] = base.float().cpu()[flat_image] - occluded
+            maps = maps.view(B, *self.grid).to(images.device)
         info = [
             {"score": float(base[b]), "grid": list(self.grid),
              "fill": self.fill if isinstance(self.fill, str) else float(self.fill)}
             for b in range(B)
         ]
+        if requested is not None:
+            for b, cells in enumerate(requested):
+                info[b]["scored_cells"] = cells
         return RewardOutput(maps=maps.float(), scores=base.to(images.device), info=info, value_range=None)
 
 

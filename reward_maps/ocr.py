@@ -78,6 +78,7 @@ __all__ = [
     "extract_target",
     "normalize_text",
     "levenshtein",
+    "upstream_distance",
     "upstream_ocr_reward",
     "is_kept",
     "kept_lines",
@@ -109,6 +110,9 @@ PADDLE_DET_OPTIONS = {
     "det_unclip_ratio": 1.5,
     "det_donot_use_dilation": True,
     "det_score_mode": "fast",
+    # PaddleOCR's det NormalizeImage (ImageNet statistics); RapidOCR's own default is 0.5 / 0.5.
+    "det_mean": [0.485, 0.456, 0.406],
+    "det_std": [0.229, 0.224, 0.225],
 }
 CHANNEL_ORDERS = ("rgb_as_bgr", "bgr")
 
@@ -137,13 +141,39 @@ def extract_target(prompt: str, scorer: str = "ocr_map", index: int | None = Non
     return target
 
 
+def validate_ocr_prompts(prompts: list[str], metadata: list[dict], **options) -> list[tuple[int, str]]:
+    """Dataset check before any model loads: [(index, why)] of prompts without an OCR target
+    (:func:`extract_target`'s rule). ``options`` are the scorer's factory options (unused)."""
+    problems = []
+    for i, prompt in enumerate(prompts):
+        parts = prompt.split('"')
+        if len(parts) < 2:
+            problems.append((i, "no quoted text: the OCR target is the text after the first double quote, "
+                                'e.g. a sign that says "OPEN"'))
+        elif not normalize_text(parts[1]):
+            problems.append((i, f"quotes an empty text {parts[1]!r} (spaces do not count)"))
+    return problems
+
+
 def normalize_text(text: str) -> str:
     """Upstream normalisation: remove ASCII spaces ``' '`` only (not tabs or newlines), then lowercase."""
     return text.replace(" ", "").lower()
 
 
+def upstream_distance(a: str, b: str) -> int:
+    """python-Levenshtein's ``distance`` (package ``Levenshtein``), the function upstream's OCR reward calls."""
+    try:
+        from Levenshtein import distance
+    except ImportError as err:
+        raise RewardMapError("reward scorer 'ocr_map': the upstream OCR reward needs python-Levenshtein: "
+                             "pip install 'Levenshtein>=0.21' (or the extra u-diffusionnft[ocr])") from err
+    return int(distance(a, b))
+
+
 def levenshtein(a: str, b: str) -> int:
-    """Edit distance with unit insert / delete / substitute costs (python-Levenshtein ``distance``)."""
+    """Edit distance with unit insert / delete / substitute costs (equal to :func:`upstream_distance`).
+
+    Used by the character alignment; the scalar calls :func:`upstream_distance`."""
     if len(a) < len(b):
         a, b = b, a
     previous = list(range(len(b) + 1))
@@ -159,10 +189,11 @@ def upstream_ocr_reward(recognized: str, target: str) -> tuple[float, int]:
     """Upstream OCR reward and its clipped distance, from the raw recognised string and raw target.
 
     reward = 1 - min(dist, len(T)) / len(T), dist = 0 if T ⊂ R else Levenshtein(R, T),
-    with R, T normalised by :func:`normalize_text` (FACTS.md §B). T must be non-empty after normalising.
+    with R, T normalised by :func:`normalize_text` (yifan123/flow_grpo ``flow_grpo/ocr.py``, whose distance is
+    python-Levenshtein's: :func:`upstream_distance`). T must be non-empty after normalising.
     """
     r, t = normalize_text(recognized), normalize_text(target)
-    dist = 0 if t in r else levenshtein(r, t)
+    dist = 0 if t in r else upstream_distance(r, t)
     dist = min(dist, len(t))
     return 1.0 - dist / len(t), dist
 
@@ -420,6 +451,21 @@ class _CapturingSession:
         return getattr(self.session, name)
 
 
+def _use_fixed_side_limit(text_det: Any, options: dict[str, Any]) -> None:
+    """Make RapidOCR's detector resize as PaddleOCR's ``DetResizeForTest`` does.
+
+    RapidOCR 1.4's ``TextDetector.get_preprocess`` ignores ``det_limit_side_len`` when
+    ``det_limit_type="max"``: it picks 960 / 1500 / 2000 from the image's longer side, so a 1024 px image
+    is run at 1024 px, where PaddleOCR (limit 960, type max) runs it at 960 px. Here the configured limit
+    is used for every image (the mean / std stay the configured ones).
+    """
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+    limit, kind = int(options["det_limit_side_len"]), str(options["det_limit_type"])
+    mean, std = text_det.mean, text_det.std
+    text_det.get_preprocess = lambda max_wh: DetPreProcess(limit, kind, mean, std)
+
+
 class _RapidEngine:
     """One RapidOCR instance (not shared between threads) and the options of its call."""
 
@@ -442,6 +488,7 @@ class _RapidEngine:
             **engine_options,
         }
         self.engine = RapidOCR(**options)
+        _use_fixed_side_limit(self.engine.text_det, options)
         self.capture = _CapturingSession(self.engine.text_det.infer)
         self.engine.text_det.infer = self.capture
         self.channel_order = channel_order
@@ -655,7 +702,7 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-@register("ocr_map")
+@register("ocr_map", validate=validate_ocr_prompts)
 def ocr_map(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -709,7 +756,7 @@ def ocr_map(
     )
 
 
-@register("ocr_map_tesseract")
+@register("ocr_map_tesseract", validate=validate_ocr_prompts)
 def ocr_map_tesseract(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,

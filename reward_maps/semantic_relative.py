@@ -14,7 +14,7 @@ phrases is rewarded. SRPO's SGP-HPS metric is this difference with HPS v2.1.
 Here, with a CLIP-family model (:mod:`reward_maps.clip_family`, preset ``base``):
 
     scores = s(global image embedding, p_pos) - s(global image embedding, p_neg)
-    maps   = s(MaskCLIP patch embedding, p_pos) - s(MaskCLIP patch embedding, p_neg)   (map_method="patch_text")
+    maps   = s(patch embedding, p_pos) - s(patch embedding, p_neg)   (map_method="value_path" or "maskclip")
 
 with s the preset's score units (PickScore: logit_scale.exp() * cos / 26; CLIPScore: ... / 100; HPS: cos).
 ``map_method="grad_x_input"`` and ``"occlusion"`` attribute the same scalar difference instead. Swapping the
@@ -43,7 +43,7 @@ DEFAULT_NEGATIVE = "CG render, {prompt}"
 def semantic_relative_map(device: str = "cpu", dtype: torch.dtype = torch.float32, *, base: str = "pickscore",
                           model: str | None = None, processor: str | None = None,
                           positive: str = DEFAULT_POSITIVE, negative: str = DEFAULT_NEGATIVE,
-                          map_method: str = "patch_text", map_size: int | Sequence[int] | None = None,
+                          map_method: str = "value_path", map_size: int | Sequence[int] | None = None,
                           outside_crop: str = "global", occlusion_fill: str | float = "mean",
                           occlusion_batch: int = 16) -> ClipMapScorer:
     """SRPO semantic-relative map with a CLIP-family model.

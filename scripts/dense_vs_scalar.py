@@ -111,6 +111,9 @@ def parse_args(argv=None):
     args.epochs = args.epochs or (2 if quick else 10)
     if args.epochs < 1 or args.jobs < 1 or not 0 < args.fraction <= 1:
         parser.error(f"--epochs {args.epochs} and --jobs {args.jobs} must be >= 1, --fraction {args.fraction} in (0, 1]")
+    # The published study evaluates with the rollout solver and measures the initial model in baseline_eval,
+    # not in each run (the train script's defaults since then: Euler and an epoch-0 evaluation, as upstream).
+    args.override = ["sample.eval_solver=dpm2", "eval_at_start=False"] + args.override
     if quick:  # 2 groups x 4 images, 1 optimizer step per epoch, 2 held-out prompts
         args.override = ["sample.num_groups=2", "train.gradient_step_per_epoch=1", "dataset.max_test_prompts=2",
                          "logging.num_log_images=2"] + args.override
@@ -233,7 +236,7 @@ def baseline_eval(args, objective, seed, keep_images=0):
     try:
         result = evaluate_prompts(pipeline, lambda p: encode_prompts(pipeline, p, max_len, "cpu"), prompts, metadata,
                                   rewards, seed=seed, resolution=config.sample.resolution,
-                                  sigmas=sd3_sigmas(config.sample.eval_num_steps), solver=config.sample.solver,
+                                  sigmas=sd3_sigmas(config.sample.eval_num_steps), solver=config.sample.eval_solver,
                                   guidance_scale=config.sample.eval_guidance_scale,
                                   batch_size=config.sample.test_batch_size, keep_images=keep_images)
     finally:

@@ -16,10 +16,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if --out holds a complete build")
     parser.add_argument("--pretrain_steps", type=int, default=400, help="flow-matching pretraining steps")
+    parser.add_argument("--no_t5", action="store_true", help="the two-encoder build (no T5 text encoder)")
     args = parser.parse_args()
     start = time.perf_counter()
     path = build_tiny_sd3_pipeline(args.out, seed=args.seed, overwrite=args.overwrite,
-                                   pretrain_steps=args.pretrain_steps)
+                                   pretrain_steps=args.pretrain_steps, text_encoder_3=not args.no_t5)
     print(f"tiny SD3 pipeline at {path} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -5,11 +5,13 @@
     ... --config.train.beta=0.1 --config.resume_from=runs/sd3_ocr_map           # overrides, resume
 
 Each epoch: sample (old policy) -> score (reward maps) -> normalize (per prompt group, all ranks)
--> train (dense U-NFT loss) -> update the old policy -> evaluate / save. The logic lives in u_nft/.
+-> train (dense U-NFT loss) -> update the old policy -> save -> evaluate. The logic lives in u_nft/.
+Failure behaviour (refused run folders, timeouts, damaged checkpoints): docs/reliability.md.
 """
-import datetime
+import json
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -17,21 +19,26 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from reward_maps.combine import RewardSet
+from reward_maps.combine import train_and_eval_reward_sets
 from reward_maps.heatmap import save_grid
 from u_nft import distributed as dist
-from u_nft.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from u_nft.checkpoint import (TrainState, capture_rng, config_differences, load_checkpoint, restore_rng,
+                              rng_restore_note, save_checkpoint)
 from u_nft.config_utils import loss_options, validate_config
 from u_nft.data import KRepeatSampler, load_prompts
 from u_nft.ema import EMA, old_policy_decay
 from u_nft.evaluation import evaluate_prompts, summarize_scores
-from u_nft.fast_policy import MergedOldPolicy
+from u_nft.fast_policy import MergedOldPolicy, compile_policy_forwards
 from u_nft.lora import (OLD, TRAINABLE, add_lora_adapters, load_lora_state, lora_state_dict, save_lora_diffusers,
                         soft_update_old, trainable_parameters)
 from u_nft.rollout import encode_prompts, negative_embeddings
-from u_nft.run_logging import RunLogger
+from u_nft.run_logging import RunDirError, RunLogger, choose_run_dir
+from u_nft.sampled_cells import sampled_cell_scoring
 from u_nft.solvers import sd3_sigmas
 from u_nft.tiny_sd3 import build_tiny_sd3_pipeline, load_sd3_pipeline
+from u_nft.diagnostics import epoch_reward_diagnostics
+from u_nft.schedule import evaluation_due
+from u_nft.upstream_keys import exit_on_upstream_keys
 from u_nft.training import (mean_diagnostics, micro_step_loss, raw_reward_grid, resolve_device, resolve_dtypes,
                             rewards_to_r, rollout_batch, sample_seeds, timestep_permutations)
 
@@ -61,11 +68,17 @@ def load_models(config, device, base_dtype):
 
 
 def make_run_dir(config):
-    name = config.run_name or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    if config.resume_from:
-        path = os.path.abspath(config.resume_from)
-        return path.split(os.sep + "checkpoints" + os.sep)[0] if os.sep + "checkpoints" + os.sep in path else path
-    return os.path.join(config.logdir, dist.broadcast_object(name))
+    """Rank 0 chooses the run folder (a fresh run refuses one holding checkpoints); every rank gets its answer."""
+    choice = None
+    if dist.is_main():
+        try:
+            choice = str(choose_run_dir(config.logdir, config.run_name, config.resume_from))
+        except RunDirError as err:
+            choice = err
+    choice = dist.broadcast_object(choice)
+    if isinstance(choice, Exception):
+        raise choice
+    return choice
 
 
 def save(run_dir, config, state, transformer, optimizer, scaler, ema, params):
@@ -89,14 +102,24 @@ def save(run_dir, config, state, transformer, optimizer, scaler, ema, params):
 
 def restore(config, state, transformer, optimizer, scaler, ema):
     ckpt = load_checkpoint(config.resume_from)
+    if dist.is_main():
+        for path, why in ckpt.skipped:
+            print(f"WARNING: skipped damaged checkpoint {path}: {why}", flush=True)
+        current = json.loads(config.to_json_best_effort())
+        for key, saved, now in config_differences(ckpt.config, current):
+            print(f"WARNING: config.{key} differs from the checkpoint's: {saved!r} -> {now!r} (using {now!r})",
+                  flush=True)
     load_lora_state(transformer, TRAINABLE, ckpt.tensors["lora_default"])
     load_lora_state(transformer, OLD, ckpt.tensors["lora_old"])
     optimizer.load_state_dict(ckpt.tensors["optimizer"])
     scaler.load_state_dict(ckpt.tensors["scaler"])
     if ema is not None:
         ema.load_state_dict(ckpt.tensors["ema"])
-    if ckpt.rng is not None and len(ckpt.rng) == dist.world_size():
+    note = rng_restore_note(len(ckpt.rng) if ckpt.rng is not None else None, dist.world_size())
+    if note is None:
         restore_rng(ckpt.rng[dist.rank()])
+    elif dist.is_main():
+        print(f"WARNING: {note}", flush=True)
     if dist.is_main():
         print(f"resumed from {ckpt.path} at epoch {ckpt.state.epoch}, step {ckpt.state.global_step}", flush=True)
     return ckpt.state
@@ -119,8 +142,19 @@ class ema_weights:
 
 
 def main(_):
-    config = _CONFIG.value
-    dist.init_distributed()
+    open_pools = []  # reward worker pools, shut down in the finally below
+    try:
+        train(_CONFIG.value, open_pools)
+    finally:
+        # After an error or Ctrl-C, abandon scorer calls still running (a hung scorer must not keep the
+        # process alive; the workers are daemon threads); after success the pools are already closed.
+        for rewards in open_pools:
+            rewards.close(wait=False)
+
+
+def train(config, open_pools):
+    """Validate, set up, run the epoch loop; every rank runs this."""
+    dist.init_distributed(timeout_s=config.dist_timeout_s or None)
     sizes = validate_config(config, dist.world_size())
     device = resolve_device(config.device)
     base_dtype, autocast_dtype = resolve_dtypes(config.mixed_precision, config.base_dtype, device)
@@ -149,10 +183,11 @@ def main(_):
     np.random.seed(config.seed + dist.rank())
     torch.manual_seed(config.seed + dist.rank())
     options = loss_options(config.train)
-    train_rewards = RewardSet(dict(config.reward_fn), config.reward_options.to_dict(), device, torch.float32,
-                              config.reward_workers)
-    eval_options = {k: v for k, v in config.reward_options.to_dict().items() if k in config.eval_reward_fn}
-    eval_rewards = RewardSet(dict(config.eval_reward_fn), eval_options, device, torch.float32, config.reward_workers)
+    # one instance of each scorer the two sets share (same name and options)
+    train_rewards, eval_rewards = train_and_eval_reward_sets(
+        dict(config.reward_fn), dict(config.eval_reward_fn), config.reward_options.to_dict(), device, torch.float32,
+        config.reward_workers, timeout_s=config.reward_timeout_s or None)
+    open_pools.extend([train_rewards, eval_rewards])
     prompts, metadata = load_prompts(config.dataset.train)
     test_prompts, test_metadata = load_prompts(config.dataset.test) if config.eval_freq else ([], [])
     if config.dataset.max_test_prompts:
@@ -179,14 +214,44 @@ def main(_):
         sampler.load_state_dict(state.sampler)  # refuses a changed seed or group sizes
     use_merged = config.train.old_policy == "merged" or config.train.old_policy == "auto" and device.type == "cuda"
     old_policy = MergedOldPolicy(transformer) if use_merged else None  # built after resume: it copies the old LoRA
+    compile_policy_forwards(transformer, old_policy, config.train.compile, device)  # in place: eval sampling too
+    # Monte Carlo U drawn before scoring, so occlusion maps score only the drawn cells (no-op plan otherwise)
+    cells_plan, cells_note = sampled_cell_scoring(
+        config.train.score_sampled_cells, config.train.estimator, config.train.proposal, config.train.scalar_mode,
+        train_rewards.names_with("score_cells"), sizes.location_grid, config.train.num_locations, config.seed)
+    if cells_note and is_main:
+        print(f"note: {cells_note}", flush=True)
     logger = RunLogger(run_dir, config, config.logging.wandb_mode, config.logging.wandb_project,
-                       config.run_name) if is_main else None
+                       config.run_name, start_epoch=state.epoch) if is_main else None
+    if logger is not None and logger.superseded:
+        print(f"moved {logger.superseded} metrics.jsonl record(s) of epochs >= {state.epoch} (written after the "
+              f"checkpoint, or by an earlier run without checkpoints) to metrics.superseded.jsonl", flush=True)
     epochs_run = 0
+
+    def evaluate(epoch, label):
+        """Sample the test prompts with the EMA weights (upstream: deterministic Euler, 40 steps), score, log."""
+        with ema_weights(ema, params):
+            result = evaluate_prompts(pipeline, encode, test_prompts, test_metadata, eval_rewards,
+                                      seed=config.seed, resolution=config.sample.resolution, sigmas=eval_sigmas,
+                                      solver=config.sample.eval_solver, guidance_scale=config.sample.eval_guidance_scale,
+                                      negative=negative, batch_size=config.sample.test_batch_size,
+                                      autocast_dtype=autocast_dtype, keep_images=config.logging.num_log_images)
+        if is_main:
+            summary = summarize_scores(result)
+            logger.log({**{f"eval/{k}": v for k, v in summary.items()}, "eval/epochs_trained": state.epoch},
+                       state.global_step, epoch)
+            print(f"eval after {state.epoch} epoch(s): {summary}", flush=True)
+            for name, maps in result.maps.items():
+                save_grid(result.images, maps, os.path.join(run_dir, "images", f"{label}_eval_{name}.png"),
+                          value_range=None)
+
+    if state.epoch == 0 and evaluation_due(0, config.eval_freq, config.num_epochs, config.eval_at_start):
+        evaluate(0, "start")  # the base model: the first point of every curve (upstream evaluates at epoch 0)
 
     for epoch in range(state.epoch, config.num_epochs):
         # Sample with the old policy; score each batch in the reward workers while the next one samples
         transformer.eval()
-        rollouts, pending = [], []
+        rollouts, pending, drawn_cells = [], [], []
         batches = sampler.batches(epoch)
         for b, indices in enumerate(tqdm(batches, desc=f"epoch {epoch}: sampling", disable=not is_main)):
             first = (b * dist.world_size() + dist.rank()) * config.sample.train_batch_size
@@ -195,19 +260,29 @@ def main(_):
                                seeds, config.sample.resolution, sigmas, config.sample.solver, config.sample.eta,
                                config.sample.guidance_scale, autocast_dtype, negative, old_policy=old_policy)
             rollouts.append(ro)
-            pending.append(train_rewards.submit(ro.images, ro.prompts, ro.metadata))
+            drawn_cells.append(cells_plan.draw(epoch, ro.prompts))
+            pending.append(train_rewards.submit(ro.images, ro.prompts, cells_plan.attach(ro.metadata, drawn_cells[-1]),
+                                                label=f"epoch {epoch} batch {b}"))
         outputs = [p.result() for p in pending]
 
         # Rewards -> r on the location grid (normalized per prompt group over all ranks)
         raw = torch.cat([raw_reward_grid(o, train_rewards.weights, sizes.location_grid, config.train.scalar_mode)
                          for o in outputs])
         all_prompts = [p for ro in rollouts for p in ro.prompts]
-        r = rewards_to_r(raw, all_prompts, config.train.map_normalization, config.train.adv_clip_max,
-                         config.train.map_scale, config.train.map_sigma_min, config.train.map_fixed_scale)
+        cells = cells_plan.concat(drawn_cells)  # (N, m) drawn U, or None: normalize at those cells only
+        r = rewards_to_r(cells_plan.compact(raw, cells), all_prompts, config.train.map_normalization,
+                         config.train.adv_clip_max, config.train.map_scale, config.train.map_sigma_min,
+                         config.train.map_fixed_scale)
+        r = cells_plan.expand(r, cells)
         x0 = torch.cat([ro.latents for ro in rollouts])
         embeds = torch.cat([ro.prompt_embeds for ro in rollouts])
         pooled = torch.cat([ro.pooled_embeds for ro in rollouts])
-        reward_log = mean_diagnostics([{f"reward/{name}": torch.cat([o[name].scores for o in outputs]).mean()
+        names = list(train_rewards.weights)  # zero-std groups, top-k rewards, r areas, map means (u_nft/diagnostics.py)
+        reward_log = {f"diag/{k}": v for k, v in epoch_reward_diagnostics(
+            {n: torch.cat([o[n].scores for o in outputs]) for n in names},
+            {n: torch.cat([o[n].maps for o in outputs]) for n in names},
+            train_rewards.weights, all_prompts, r, options.neutral_tol).items()}
+        reward_log |= mean_diagnostics([{f"reward/{name}": torch.cat([o[name].scores for o in outputs]).mean()
                                         for name in train_rewards.weights}])
 
         # Train: shuffled micro-batches x the sampler's timesteps, gradient accumulation, AdamW
@@ -224,7 +299,8 @@ def main(_):
                     t = train_t[perms[:, j]].to(device)
                     noise = torch.randn(x0[idx].shape, generator=generator).to(device)
                     loss, diag = micro_step_loss(transformer, x0[idx], noise, t, r[idx], embeds[idx], pooled[idx],
-                                                 options, autocast_dtype, generator, old_policy)
+                                                 options, autocast_dtype, generator, old_policy,
+                                                 locations=None if cells is None else cells[idx])
                     scaler.scale(loss / sizes.accumulation_steps).backward()
                     history.append(diag)
                     micro += 1
@@ -264,22 +340,11 @@ def main(_):
                           os.path.join(run_dir, "images", f"epoch{epoch:04d}_train_{name}.png"), value_range=None)
                 logger.log_image("images/train_r", grid, state.global_step)
         last = epoch + 1 == config.num_epochs
-        if config.eval_freq and ((epoch + 1) % config.eval_freq == 0 or last):
-            with ema_weights(ema, params):
-                result = evaluate_prompts(pipeline, encode, test_prompts, test_metadata, eval_rewards,
-                                          seed=config.seed, resolution=config.sample.resolution, sigmas=eval_sigmas,
-                                          solver=config.sample.solver, guidance_scale=config.sample.eval_guidance_scale,
-                                          negative=negative, batch_size=config.sample.test_batch_size,
-                                          autocast_dtype=autocast_dtype, keep_images=config.logging.num_log_images)
-            if is_main:
-                summary = summarize_scores(result)
-                logger.log({f"eval/{k}": v for k, v in summary.items()}, state.global_step, epoch)
-                print(f"eval after epoch {epoch}: {summary}", flush=True)
-                for name, maps in result.maps.items():
-                    save_grid(result.images, maps, os.path.join(run_dir, "images", f"epoch{epoch:04d}_eval_{name}.png"),
-                              value_range=None)
+        # Save before evaluating: a failing evaluation (scorer error, OOM) must not cost the epoch's training.
         if config.save_freq and (epoch + 1) % config.save_freq == 0 or last:
             save(run_dir, config, state, transformer, optimizer, scaler, ema, params)
+        if evaluation_due(epoch + 1, config.eval_freq, config.num_epochs, config.eval_at_start):
+            evaluate(epoch, f"epoch{epoch:04d}")
         epochs_run += 1
         if flags.FLAGS.stop_after_epochs and epochs_run >= flags.FLAGS.stop_after_epochs:
             break
@@ -293,4 +358,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    exit_on_upstream_keys(sys.argv)  # an upstream DiffusionNFT key names ours instead (docs/upstream_parity.md)
     app.run(main)

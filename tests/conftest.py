@@ -14,10 +14,26 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("U_NFT_TEST_THREADS", "1")))
 
 
+def _tiny_build(tmp_path_factory, env_var: str, text_encoder_3: bool) -> Path:
+    """The tiny SD3 build (seed 0, default pretraining) with or without T5. The directory named by
+    ``env_var`` caches it across runs; one holding another build is left alone (a fresh one is made)."""
+    from u_nft.tiny_sd3 import build_tiny_sd3_pipeline, matches_build
+
+    cached = os.environ.get(env_var)
+    if cached and (matches_build(cached, seed=0, pretrain_steps=400, text_encoder_3=text_encoder_3)
+                   or not Path(cached).exists()):
+        return build_tiny_sd3_pipeline(cached, seed=0, text_encoder_3=text_encoder_3)
+    target = tmp_path_factory.mktemp("tiny_sd3_t5" if text_encoder_3 else "tiny_sd3_clip_only") / "pipeline"
+    return build_tiny_sd3_pipeline(target, seed=0, text_encoder_3=text_encoder_3)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory) -> Path:
-    """Directory of a random-weight SD3 pipeline (u_nft.tiny_sd3); U_NFT_TINY_SD3_DIR keeps one across runs."""
-    from u_nft.tiny_sd3 import build_tiny_sd3_pipeline
+    """The default tiny SD3 pipeline, three text encoders (u_nft.tiny_sd3); U_NFT_TINY_SD3_DIR keeps one across runs."""
+    return _tiny_build(tmp_path_factory, "U_NFT_TINY_SD3_DIR", text_encoder_3=True)
 
-    target = os.environ.get("U_NFT_TINY_SD3_DIR") or tmp_path_factory.mktemp("tiny_sd3") / "pipeline"
-    return build_tiny_sd3_pipeline(target, seed=0)
+
+@pytest.fixture(scope="session")
+def tiny_sd3_clip_only_dir(tmp_path_factory) -> Path:
+    """The two-encoder tiny SD3 pipeline (no T5); U_NFT_TINY_SD3_CLIP_ONLY_DIR keeps one across runs."""
+    return _tiny_build(tmp_path_factory, "U_NFT_TINY_SD3_CLIP_ONLY_DIR", text_encoder_3=False)

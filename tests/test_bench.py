@@ -64,4 +64,5 @@ def test_cpu_smoke_run_prints_the_tables(tmp_path):
         assert len(rows) == 2, path  # one row in the measurements table, one in the ratios table
     assert "ours-compiled" not in text  # CPU runs stay eager
     assert "matmul ceiling" in text and "TFLOP counted" in text and "Epoch model" in text
+    assert "the sampler then waits" in text and "drawn before scoring" in text  # overlap and sampled-cell saving
     assert "bench/bench_train_step.py --shape tiny --device cpu" in text

@@ -486,7 +486,10 @@ def test_detector_resize_follows_mmcv_keep_ratio_and_pads_to_32():
     imgs[..., 0] = 10
     x, resized = preprocess_for_detector(imgs, short_edge=60, long_edge=100)
     assert resized == (60, 100) and tuple(x.shape) == (1, 3, 64, 128)
-    assert torch.all(x[..., 60:, :] == 0) and torch.all(x[..., 100:] == 0)
+    # mmdet pads with the raw value 128 before Normalize (Pad precedes Normalize in GenEval's config)
+    pad = (128 - torch.tensor((123.675, 116.28, 103.53))) / torch.tensor((58.395, 57.12, 57.375))
+    assert torch.allclose(x[0, :, 60:, :], pad.view(3, 1, 1).expand(3, 4, 128))
+    assert torch.allclose(x[0, :, :, 100:], pad.view(3, 1, 1).expand(3, 64, 28))
     assert x[0, 0, 0, 0].item() == pytest.approx((10 - 123.675) / 58.395, rel=1e-5)
     swapped, _ = preprocess_for_detector(imgs, short_edge=60, long_edge=100, swap_channels=True)
     assert swapped[0, 0, 0, 0].item() == pytest.approx((200 - 123.675) / 58.395, rel=1e-5)
@@ -585,7 +588,7 @@ def test_end_to_end_tiny_models_give_valid_maps_and_the_scalar_of_the_reported_d
         for cls, rows in info["detections"].items():
             assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
             assert all(0 <= r["box"][0] <= r["box"][2] <= 56 and 0 <= r["box"][1] <= r["box"][3] <= 40 for r in rows)
-        if dets.get("dog"):
+        if i == 0 and dets.get("dog"):  # only the first prompt has a colour clause on "dog"
             assert dets["dog"][0].color in COLORS  # the colour clause's instance was classified
         values = set(out.maps[i].unique().tolist())
         background = 0.5 * (1 - v.missing_fraction)
@@ -607,3 +610,88 @@ def test_scorer_rejects_malformed_metadata_naming_the_sample(permissive_scorer):
     bad = [E2E_META[0], {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "teal"}]}]
     with pytest.raises(RewardMapError, match=r"'geneval_map'.*metadata\[1\]\['include'\]\[0\]\['color'\]"):
         permissive_scorer(torch.rand(2, 3, 8, 8), ["a", "b"], bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input conventions (official / diffusionnft / flow_grpo)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_conventions_are_named_with_official_the_default_and_unknown_ones_rejected():
+    import inspect
+
+    from reward_maps.geneval import CONVENTIONS, DEFAULT_CONVENTION, geneval_map
+
+    assert DEFAULT_CONVENTION == "official"
+    assert inspect.signature(geneval_map).parameters["convention"].default == "official"
+    assert CONVENTIONS == {
+        "official": {"swap_channels": False, "jpeg_quality": None},
+        "diffusionnft": {"swap_channels": True, "jpeg_quality": None},
+        "flow_grpo": {"swap_channels": True, "jpeg_quality": 75},
+    }
+    with pytest.raises(RewardMapError, match=r"convention='mmdet'.*diffusionnft.*flow_grpo.*official"):
+        build_scorer("geneval_map", convention="mmdet", detector="/nonexistent")
+
+
+def _recording_detector(scorer):
+    """Wrap the scorer's detector so each call's pixel_values are kept (the real model still runs)."""
+    seen = []
+    model = scorer.detector
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, pixel_values):
+            seen.append(pixel_values.clone())
+            return self.inner(pixel_values=pixel_values)
+
+    scorer.detector = Recorder()
+    return seen, model
+
+
+def test_detector_input_per_convention_official_rgb_diffusionnft_bgr_flow_grpo_jpeg75(permissive_scorer):
+    from PIL import Image
+    import io
+
+    from reward_maps.geneval import preprocess_for_detector, quantize_images
+
+    torch.manual_seed(1)
+    images = torch.rand(1, 3, 40, 56)
+    seen, model = _recording_detector(permissive_scorer)
+    try:
+        inputs = {}
+        for convention in ("official", "diffusionnft", "flow_grpo"):
+            permissive_scorer.opts["convention"] = convention
+            out = permissive_scorer(images, ["a"], E2E_META[:1])
+            assert out.info[0]["convention"] == convention
+            inputs[convention] = seen[-1]
+    finally:
+        permissive_scorer.detector, permissive_scorer.opts["convention"] = model, "official"
+    u8 = quantize_images(images)
+    rgb, _ = preprocess_for_detector(u8, 64, 96)
+    assert torch.equal(inputs["official"], rgb)
+    # diffusionnft: the channels reach the network reversed (B, G, R), normalised with the RGB statistics
+    mean = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
+    std = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
+    raw_rgb, raw_bgr = rgb * std + mean, inputs["diffusionnft"] * std + mean
+    assert torch.allclose(raw_bgr, raw_rgb.flip(1), atol=1e-3) and not torch.allclose(raw_bgr, raw_rgb, atol=1.0)
+    # flow_grpo: PIL's JPEG at quality 75 first (independent encode here), then the diffusionnft input
+    buffer = io.BytesIO()
+    Image.fromarray(u8[0].numpy()).save(buffer, format="JPEG")  # PIL's default quality is 75
+    decoded = torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))[None]
+    expected, _ = preprocess_for_detector(decoded, 64, 96, swap_channels=True)
+    assert torch.equal(inputs["flow_grpo"], expected) and not torch.equal(decoded, u8)
+
+
+def test_detector_resize_is_cv2_bilinear_on_uint8_as_mmcv():
+    cv2 = pytest.importorskip("cv2")
+    from reward_maps.geneval import preprocess_for_detector
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (1, 37, 53, 3), dtype=np.uint8)
+    x, (h, w) = preprocess_for_detector(torch.from_numpy(img), short_edge=60, long_edge=100)
+    raw = x[0, :, :h, :w] * torch.tensor((58.395, 57.12, 57.375)).view(3, 1, 1) + torch.tensor((123.675, 116.28, 103.53)).view(3, 1, 1)
+    expected = cv2.resize(img[0], (w, h), interpolation=cv2.INTER_LINEAR)  # mmcv.imresize(..., "bilinear")
+    assert torch.allclose(raw, torch.from_numpy(expected).permute(2, 0, 1).float(), atol=1e-3)

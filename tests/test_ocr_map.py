@@ -425,3 +425,42 @@ def test_tesseract_map_marks_the_misspelled_word_below_the_correct_one(tesseract
 def test_tesseract_missing_binary_raises_naming_the_scorer():
     with pytest.raises(RewardMapError, match="'ocr_map_tesseract'.*not found"):
         build_scorer("ocr_map_tesseract", tesseract_cmd="/nonexistent/tesseract")
+
+
+# ---------------------------------------------------------------------------------------------------
+# PaddleOCR-equivalent detector settings and upstream's edit distance
+# ---------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text("abcé ", max_size=12), st.text("abcé ", max_size=12))
+def test_scalar_distance_is_python_levenshtein_and_equals_the_alignment_dp(a, b):
+    import Levenshtein
+
+    from reward_maps.ocr import upstream_distance
+
+    assert upstream_distance(a, b) == Levenshtein.distance(a, b) == levenshtein(a, b)
+    t = b.replace(" ", "").lower()
+    if t:
+        r = a.replace(" ", "").lower()
+        dist = 0 if t in r else min(Levenshtein.distance(r, t), len(t))
+        assert upstream_ocr_reward(a, b) == (1.0 - dist / len(t), dist)
+
+
+def test_rapid_detector_normalises_with_paddle_imagenet_mean_std():
+    engine = _RapidEngine("rgb_as_bgr", 1, {}, False)
+    pre = engine.engine.text_det.get_preprocess(512)
+    np.testing.assert_allclose(pre.mean, [0.485, 0.456, 0.406])
+    np.testing.assert_allclose(pre.std, [0.229, 0.224, 0.225])
+    pixel = np.full((1, 1, 3), 128, dtype=np.uint8)
+    np.testing.assert_allclose(pre.normalize(pixel)[0, 0], (128 / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("side, detector_side", [(512, 512), (1024, 960), (1600, 960)])
+def test_rapid_detector_resizes_like_paddle_limit_960_max(side, detector_side):
+    """PaddleOCR det_limit_side_len=960, type max: a 1024 px image runs at 960 px (RapidOCR alone: 1024)."""
+    engine = _RapidEngine("rgb_as_bgr", 1, {}, False)
+    image = np.full((side, side, 3), 255, dtype=np.uint8)
+    image[side // 3: side // 3 + side // 10, side // 8: side // 2] = 0  # a dark bar, so detection runs
+    engine(image)
+    assert engine.capture.last.shape[-2:] == (detector_side, detector_side)

@@ -42,13 +42,29 @@ def test_encode_prompts_gives_clip_plus_t5_tokens(pipeline, embeds):
     width = pipeline.transformer.config.joint_attention_dim
     assert prompt_embeds.shape == (3, 77 + 128, width)
     assert pooled.shape == (3, pipeline.transformer.config.pooled_projection_dim)
-    # Without T5 the pipeline fills the T5 tokens with zeros; the CLIP part is not zero.
-    assert torch.count_nonzero(prompt_embeds[:, 77:]) == 0
-    assert prompt_embeds[:, :77].abs().sum() > 0
+    # The default tiny pipeline has T5: both the CLIP part and the T5 part carry the prompt.
+    assert pipeline.text_encoder_3 is not None
+    for part in (prompt_embeds[:, :77], prompt_embeds[:, 77:]):
+        assert part.abs().sum() > 0 and not torch.allclose(part[0], part[1])
+    # CLIP states are zero-padded from 2 x 32 channels up to the T5 width.
+    hidden = pipeline.text_encoder.config.hidden_size + pipeline.text_encoder_2.config.hidden_size
+    assert torch.count_nonzero(prompt_embeds[:, :77, hidden:]) == 0
     assert not torch.allclose(pooled[0], pooled[1])
     short, _ = encode_prompts(pipeline, PROMPTS[:1], max_sequence_length=16)
     assert short.shape == (1, 77 + 16, width)
     assert torch.allclose(short[0, :77], prompt_embeds[0, :77])
+
+
+def test_encode_prompts_without_t5_fills_the_t5_tokens_with_zeros(tmp_path):
+    from u_nft.tiny_sd3 import build_tiny_sd3_pipeline
+
+    clip_only = load_sd3_pipeline(build_tiny_sd3_pipeline(tmp_path / "clip_only", pretrain_steps=1,
+                                                          text_encoder_3=False))
+    assert clip_only.text_encoder_3 is None
+    prompt_embeds, _ = encode_prompts(clip_only, PROMPTS[:2], max_sequence_length=16)
+    # diffusers 0.33 pads 77 zero tokens (tokenizer_max_length); recent releases (0.42) max_sequence_length.
+    assert prompt_embeds.shape[1] in (77 + 16, 77 + 77)
+    assert torch.count_nonzero(prompt_embeds[:, 77:]) == 0 and prompt_embeds[:, :77].abs().sum() > 0
 
 
 def test_negative_embeddings_are_the_empty_prompt_repeated(pipeline):

@@ -27,7 +27,11 @@ def test_tiny_pipeline_has_the_sd35_structure(pipeline):
     assert isinstance(pipeline.transformer, SD3Transformer2DModel)
     assert isinstance(pipeline.vae, AutoencoderKL)
     assert isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
-    assert pipeline.text_encoder_3 is None and pipeline.tokenizer_3 is None
+    # Three text encoders by default, as SD3.5: T5's width is the transformer's context width.
+    assert type(pipeline.text_encoder_3).__name__ == "T5EncoderModel"
+    assert type(pipeline.tokenizer_3).__name__ in ("T5TokenizerFast", "T5Tokenizer")  # 5.x: one class
+    assert pipeline.text_encoder_3.config.d_model == pipeline.transformer.config.joint_attention_dim
+    assert pipeline.text_encoder_3.config.feed_forward_proj == "gated-gelu"
     assert pipeline.scheduler.config.shift == 3.0 and pipeline.scheduler.config.num_train_timesteps == 1000
     vae = pipeline.vae.config
     assert (vae.latent_channels, vae.scaling_factor, vae.shift_factor) == (16, 1.5305, 0.0609)
@@ -89,8 +93,39 @@ def test_missing_local_model_error_names_the_config_key(tmp_path):
         load_sd3_pipeline(tmp_path)
 
 
+def test_t5_tokenizer_follows_t5_conventions(pipeline):
+    tokenizer = pipeline.tokenizer_3
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert len(tokenizer) == pipeline.text_encoder_3.config.vocab_size
+    assert "<extra_id_0>" in tokenizer.get_vocab() and "<extra_id_99>" in tokenizer.get_vocab()
+    ids = tokenizer(["a red apple, watercolor"], padding="max_length", max_length=24).input_ids[0]
+    n = ids.index(1) + 1  # the eos closes the prompt, then padding
+    assert ids[n:] == [0] * (24 - n) and tokenizer.unk_token_id not in ids[:n]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a red apple, watercolor"
+
+
+def test_offline_t5_tokenizer_is_deterministic(tmp_path):
+    from u_nft.tiny_models import write_t5_tokenizer
+
+    first = (write_t5_tokenizer(tmp_path / "a") / "tokenizer.json").read_bytes()
+    assert first == (write_t5_tokenizer(tmp_path / "b") / "tokenizer.json").read_bytes()
+
+
+def test_two_encoder_build_has_no_t5_and_keeps_the_clip_weights(tmp_path, tiny_sd3_dir):
+    clip_only = build_tiny_sd3_pipeline(tmp_path / "clip_only", pretrain_steps=5, text_encoder_3=False)
+    with_t5 = build_tiny_sd3_pipeline(tmp_path / "with_t5", pretrain_steps=5)
+    assert not _has_text_encoder_3(clip_only) and _has_text_encoder_3(with_t5)
+    a, b = load_sd3_pipeline(clip_only), load_sd3_pipeline(with_t5)
+    assert a.text_encoder_3 is None and a.tokenizer_3 is None
+    for name in ("text_encoder", "text_encoder_2", "vae"):  # T5 is drawn last: the rest is identical
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    with pytest.raises(ValueError, match="'text_encoder_3': False"):
+        build_tiny_sd3_pipeline(clip_only, pretrain_steps=5)
+
+
 def test_text_encoder_3_is_kept_when_the_directory_has_one(tmp_path, tiny_sd3_dir):
-    assert not _has_text_encoder_3(tiny_sd3_dir)
+    assert _has_text_encoder_3(tiny_sd3_dir)
     (tmp_path / "text_encoder_3").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"text_encoder_3": ["transformers", "T5EncoderModel"]}))
     assert _has_text_encoder_3(tmp_path)

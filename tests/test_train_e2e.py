@@ -83,6 +83,26 @@ def test_tiny_run_writes_finite_metrics_images_and_checkpoints(two_epoch_run):
     assert sorted(p.name for p in (two_epoch_run / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
 
 
+def test_run_evaluates_the_base_model_first_and_logs_upstream_diagnostics(two_epoch_run):
+    """eval_freq=2 over 2 epochs: the base model (epochs_trained 0, step 0) and after the 2nd epoch, as upstream's
+    epoch % eval_freq == 0; every epoch logs the collapse / hacking diagnostics (docs/upstream_parity.md)."""
+    from u_nft.run_logging import read_metrics
+
+    records = read_metrics(two_epoch_run)
+    evals = [r for r in records if "eval/region_color_map/mean" in r]
+    assert [(r["eval/epochs_trained"], r["step"]) for r in evals] == [(0, 0), (2, 2)]
+    train = [r for r in records if "train/policy_loss" in r]
+    for r in train:
+        assert 0.0 <= r["diag/zero_std_ratio"] <= 1.0 and r["diag/reward_std_mean"] >= 0.0
+        assert r["diag/reward_top10_mean"] >= r["diag/reward_top50_mean"] >= r["diag/reward_top100_mean"]
+        assert r["diag/r_positive_area"] + r["diag/r_negative_area"] + r["diag/r_neutral_area"] == pytest.approx(1.0)
+        assert r["diag/map_mean/region_color_map"] > 0 and r["train/x0_norm"] > 0
+        assert r["train/old_deviate"] >= 0.0
+    assert train[0]["train/old_deviate"] == pytest.approx(0.0, abs=1e-8)  # epoch 0: the old policy is the policy
+    assert train[1]["train/old_deviate"] > 0.0
+    assert (two_epoch_run / "images" / "start_eval_region_color_map.png").is_file()
+
+
 def test_lora_trains_and_old_policy_follows_the_decay_rule(two_epoch_run):
     from u_nft.ema import old_policy_decay
 
@@ -106,7 +126,7 @@ def test_checkpoint_lora_loads_in_diffusers_and_matches_our_adapter(two_epoch_ru
     keys = load_file(lora_dir / "pytorch_lora_weights.safetensors").keys()
     assert keys and all("lora" in k for k in keys)
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)  # three text encoders, as SD3.5
     torch.manual_seed(0)
     inputs = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 109, pipe.transformer.config.joint_attention_dim),
                   pooled_projections=torch.randn(2, pipe.transformer.config.pooled_projection_dim),
@@ -284,6 +304,6 @@ def test_tiny_default_reward_rises_beyond_seed_noise(tmp_path, tiny_sd3_dir):
     records = read_metrics(tmp_path / "learn")
     rewards = [r["reward/region_color_map"] for r in records if "reward/region_color_map" in r]
     evals = [r["eval/region_color_map/mean"] for r in records if "eval/region_color_map/mean" in r]
-    assert len(rewards) == 10 and len(evals) == 2
+    assert len(rewards) == 10 and len(evals) == 3  # the base model (before the first update), epochs 5 and 10
     assert sum(rewards[-2:]) / 2 - rewards[0] > 0.05, rewards
     assert evals[-1] > evals[0], evals

@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     <run_dir>/checkpoints/checkpoint-<K>/      K = TrainState.global_step
-        state.json        TrainState + the list of tensor files (written last: its presence = complete)
+        state.json        TrainState, the list of tensor files and the byte size + sha256 of every other file
+                          in the folder (written last: its presence = complete)
         <name>.pt         one torch.save per entry of ``tensors`` (LoRA default, LoRA old, EMA, optimizer, ...)
         rng.pt            python / numpy / torch (and CUDA) generator states, if given
         config.json       the run's config (``ConfigDict.to_json_best_effort``), if given
@@ -12,10 +13,17 @@ Layout of a run directory::
 Each checkpoint is first written to ``checkpoints/.tmp-checkpoint-<K>`` and then renamed, so a crash
 mid-write never leaves a folder that looks complete. Counters are read back from state.json, never
 parsed from the folder name (upstream DiffusionNFT parsed ``global_step`` from it).
+
+Integrity: loading checks every file against the size and sha256 recorded at save time, so a truncated
+or bit-flipped file is an error naming that file (:class:`CheckpointCorruptError`), never silently wrong
+weights. Loading from a *run directory* takes the newest checkpoint that passes and reports the damaged
+newer ones it skipped (``Checkpoint.skipped``); a checkpoint whose state.json is unreadable is listed as
+damaged and left alone by rotation (docs/reliability.md).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -28,7 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: per-file sizes and sha256 in state.json
+READABLE_VERSIONS = (1, 2)  # 1: before checksums (loaded without verification)
 STATE_FILE = "state.json"
 RNG_FILE = "rng.pt"
 CONFIG_FILE = "config.json"
@@ -37,6 +46,11 @@ _PREFIX = "checkpoint-"
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file that exists but is damaged (truncated, altered, unreadable); the message names it."""
 
 
 @dataclass
@@ -73,6 +87,7 @@ class Checkpoint:
     tensors: dict[str, Any]
     rng: Any
     config: dict | None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer damaged checkpoints passed over
 
 
 # RNG ---------------------------------------------------------------------------------------------
@@ -179,7 +194,8 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(_config_to_json(config), encoding="utf-8")
     if lora_dirs is not None:
         lora_dirs(tmp)
-    manifest = {"format_version": FORMAT_VERSION, "state": state.to_dict(), "tensors": sorted(tensors), "rng": rng is not None}
+    manifest = {"format_version": FORMAT_VERSION, "state": state.to_dict(), "tensors": sorted(tensors),
+                "rng": rng is not None, "files": _file_digests(tmp)}
     _write_json_synced(tmp / STATE_FILE, manifest)
 
     if final.exists():
@@ -200,6 +216,24 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[: -int(keep_last)]:
             shutil.rmtree(old)
     return final
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digests(folder: Path) -> dict[str, dict]:
+    """{relative posix path: {"bytes": size, "sha256": hex}} of every file under ``folder`` except state.json."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.relative_to(folder).as_posix() != STATE_FILE:
+            out[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return out
 
 
 def _write_json_synced(path: Path, data: dict) -> None:
@@ -230,29 +264,43 @@ def _read_manifest(path: Path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing")
     try:
         manifest = json.loads(state_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint state file {state_file} is not valid JSON: {err}") from err
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {state_file} has format_version {manifest.get('format_version')!r}; "
-            f"this code reads {FORMAT_VERSION}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointCorruptError(f"checkpoint state file {state_file} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointCorruptError(
+            f"checkpoint {state_file} has format_version {version!r}; this code reads {list(READABLE_VERSIONS)}"
         )
+    state = manifest.get("state")
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointCorruptError(f"checkpoint state file {state_file} has no integer state.global_step")
     return manifest
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run (``.tmp-*`` and folders without state.json skipped), oldest first.
+def scan_checkpoints(run_dir: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints oldest first, [(folder, why)] of folders whose state.json cannot be read).
 
-    Ordered by the global_step stored in each state.json.
+    Complete = a ``checkpoint-*`` folder with a readable state.json (``.tmp-*`` and folders without
+    state.json are in-progress leftovers, not listed). Ordered by the global_step stored in state.json.
+    File contents are not hashed here (see :func:`verify_checkpoint`).
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
-        return []
-    found = []
+        return [], []
+    found, damaged = [], []
     for path in root.iterdir():
         if path.is_dir() and path.name.startswith(_PREFIX) and (path / STATE_FILE).is_file():
-            found.append((_read_manifest(path)["state"]["global_step"], path.name, path))
-    return [path for _, _, path in sorted(found)]
+            try:
+                found.append((_read_manifest(path)["state"]["global_step"], path.name, path))
+            except (CheckpointCorruptError, OSError) as err:
+                damaged.append((path, str(err)))
+    return [path for _, _, path in sorted(found)], sorted(damaged)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run (``.tmp-*``, folders without state.json and folders whose state.json
+    is unreadable skipped), oldest first, ordered by the global_step stored in each state.json."""
+    return scan_checkpoints(run_dir)[0]
 
 
 def resolve_checkpoint(path_or_run_dir: str | os.PathLike) -> Path:
@@ -265,31 +313,141 @@ def resolve_checkpoint(path_or_run_dir: str | os.PathLike) -> Path:
     if path.name.startswith(_PREFIX) or path.name.startswith(_TMP_PREFIX):
         raise FileNotFoundError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing")
     run_dir = path.parent if path.name == CHECKPOINTS_DIR else path
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints, damaged = scan_checkpoints(run_dir)
     if not checkpoints:
-        raise FileNotFoundError(
-            f"no complete checkpoint under {run_dir / CHECKPOINTS_DIR} "
-            f"(expected {CHECKPOINTS_DIR}/{_PREFIX}<global_step>/{STATE_FILE})"
-        )
+        raise FileNotFoundError(_none_found(run_dir, damaged))
     return checkpoints[-1]
 
 
-def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint folder, or the latest complete one of a run directory."""
-    path = resolve_checkpoint(path_or_run_dir)
+def _none_found(run_dir: Path, damaged: list[tuple[Path, str]]) -> str:
+    message = (f"no complete checkpoint under {Path(run_dir) / CHECKPOINTS_DIR} "
+               f"(expected {CHECKPOINTS_DIR}/{_PREFIX}<global_step>/{STATE_FILE})")
+    if damaged:
+        message += "; damaged: " + "; ".join(f"{p.name}: {why}" for p, why in damaged)
+    return message
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check a checkpoint folder against its state.json and return the manifest.
+
+    Every file recorded at save time must exist with the recorded byte size and sha256; the tensor
+    and RNG files listed must exist. Raises FileNotFoundError (missing file) or
+    :class:`CheckpointCorruptError` (wrong size = truncated, wrong sha256 = altered), naming the file.
+    Format-1 checkpoints carry no checksums; only presence is checked.
+    """
+    path = Path(path)
     manifest = _read_manifest(path)
-    tensors = {}
-    for name in manifest["tensors"]:
-        file = path / f"{name}.pt"
+    required = [f"{name}.pt" for name in manifest.get("tensors", [])] + ([RNG_FILE] if manifest.get("rng") else [])
+    for name in required:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} listed in {STATE_FILE} is missing")
+    for name, record in sorted(manifest.get("files", {}).items()):
+        file = path / name
         if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} is incomplete: {file.name} listed in {STATE_FILE} is missing")
-        tensors[name] = torch.load(file, map_location=map_location, weights_only=True)
-    rng = None
-    if manifest["rng"]:
-        rng_file = path / RNG_FILE
-        if not rng_file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} is incomplete: {RNG_FILE} is missing")
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} listed in {STATE_FILE} is missing")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise CheckpointCorruptError(
+                f"checkpoint file {file} is damaged: {size} bytes, {STATE_FILE} recorded {record['bytes']} "
+                f"at save time ({'truncated' if size < record['bytes'] else 'grown'})"
+            )
+        digest = file_sha256(file)
+        if digest != record["sha256"]:
+            raise CheckpointCorruptError(
+                f"checkpoint file {file} is damaged: its sha256 {digest[:16]}... differs from "
+                f"{record['sha256'][:16]}... recorded in {STATE_FILE} at save time"
+            )
+    return manifest
+
+
+def _torch_load(file: Path, map_location) -> Any:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file; name it
+        raise CheckpointCorruptError(f"cannot read checkpoint file {file}: {type(err).__name__}: {err}") from err
+
+
+def _load_folder(path: Path, map_location) -> Checkpoint:
+    manifest = verify_checkpoint(path)
+    tensors = {name: _torch_load(path / f"{name}.pt", map_location) for name in manifest["tensors"]}
+    rng = _torch_load(path / RNG_FILE, "cpu") if manifest["rng"] else None
     config_file = path / CONFIG_FILE
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    config = None
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointCorruptError(f"checkpoint file {config_file} is not valid JSON: {err}") from err
     return Checkpoint(path=path, state=TrainState.from_dict(manifest["state"]), tensors=tensors, rng=rng, config=config)
+
+
+def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and verify a checkpoint folder, or the newest intact checkpoint of a run directory.
+
+    A checkpoint folder given directly must be intact (errors name the damaged file). From a run
+    directory, damaged checkpoints (unreadable state.json, missing / truncated / altered files) are
+    skipped newest first and reported in ``Checkpoint.skipped`` as (folder, why); if none is intact
+    the FileNotFoundError lists them all.
+    """
+    path = Path(path_or_run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint or run directory {path} does not exist")
+    if (path / STATE_FILE).is_file() or path.name.startswith(_PREFIX) or path.name.startswith(_TMP_PREFIX):
+        return _load_folder(resolve_checkpoint(path), map_location)
+    run_dir = path.parent if path.name == CHECKPOINTS_DIR else path
+    checkpoints, skipped = scan_checkpoints(run_dir)
+    for candidate in reversed(checkpoints):
+        try:
+            ckpt = _load_folder(candidate, map_location)
+        except (CheckpointCorruptError, OSError) as err:
+            skipped.append((candidate, str(err)))
+            continue
+        ckpt.skipped = skipped
+        return ckpt
+    raise FileNotFoundError(_none_found(run_dir, skipped))
+
+
+# Resume reports ----------------------------------------------------------------------------------
+
+def rng_restore_note(saved_world_size: int | None, world_size: int) -> str | None:
+    """None when the saved per-rank RNG states can be restored, else what skipping them changes.
+
+    saved_world_size: len of the checkpoint's per-rank RNG list (None: no RNG saved).
+    """
+    if saved_world_size == world_size:
+        return None
+    saved = "no RNG states" if saved_world_size is None else f"RNG states of {saved_world_size} ranks"
+    return (f"not restoring the global RNG states: the checkpoint holds {saved}, this run has {world_size} "
+            f"rank(s). Prompts, rollout noise, timesteps and shuffles come from generators seeded by "
+            f"(seed, epoch, sample index / rank) and do not depend on it, but the per-rank batches change with "
+            f"the world size and anything drawing from python/numpy/torch's global generators starts from "
+            f"seed + rank: the run continues, but not bit-identically to one that kept {saved_world_size} ranks")
+
+
+# Keys that name where a run lives or how it was started, not what it trains.
+CONFIG_DIFF_IGNORED = ("resume_from",)
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for key in value:
+            _flatten(f"{prefix}.{key}" if prefix else str(key), value[key], out)
+    else:
+        out[prefix] = list(value) if isinstance(value, tuple) else value
+
+
+def config_differences(saved: dict | None, current: dict,
+                       ignored: tuple[str, ...] = CONFIG_DIFF_IGNORED) -> list[tuple[str, Any, Any]]:
+    """[(dotted key, saved value, current value)] for every leaf that differs, sorted by key.
+
+    Both are plain dicts (the checkpoint's config.json and the running config's JSON form); tuples
+    equal lists. A key present on one side only is reported with ``"<absent>"`` on the other.
+    """
+    if saved is None:
+        return []
+    a, b = {}, {}
+    _flatten("", saved, a)
+    _flatten("", current, b)
+    absent = "<absent>"
+    return [(key, a.get(key, absent), b.get(key, absent)) for key in sorted(set(a) | set(b))
+            if key not in ignored and a.get(key, absent) != b.get(key, absent)]

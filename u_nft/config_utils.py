@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from u_nft.ema import OLD_POLICY_DECAY_TYPES
 from u_nft.loss import DenseLossOptions
 from u_nft.normalization import SCALE_MODES
-from u_nft.solvers import SOLVERS
+from u_nft.solvers import DETERMINISTIC_SOLVERS, SOLVERS
 
 VAE_SCALE = 8  # SD3's VAE downsamples by 8
 PATCH = 2      # SD3's transformer patch size
@@ -35,7 +36,8 @@ class Sizes:
 def derive_sizes(config, world_size: int) -> Sizes:
     """Compute and check the epoch's batch arithmetic (DiffusionNFT derives them the same way)."""
     s, t = config.sample, config.train
-    for key, value in (("sample.num_groups", s.num_groups), ("sample.num_image_per_prompt", s.num_image_per_prompt),
+    for key, value in (("sample.resolution", s.resolution),
+                       ("sample.num_groups", s.num_groups), ("sample.num_image_per_prompt", s.num_image_per_prompt),
                        ("sample.train_batch_size", s.train_batch_size), ("train.batch_size", t.batch_size),
                        ("sample.num_steps", s.num_steps), ("train.gradient_step_per_epoch", t.gradient_step_per_epoch),
                        ("train.num_inner_epochs", t.num_inner_epochs)):
@@ -99,8 +101,15 @@ def validate_config(config, world_size: int) -> Sizes:
         raise ConfigError(f"config.base_dtype must be auto/fp32/bf16/fp16, got {config.base_dtype!r}")
     if t.old_policy not in ("auto", "adapter", "merged"):
         raise ConfigError(f"config.train.old_policy must be 'auto', 'adapter' or 'merged', got {t.old_policy!r}")
+    if t.get("compile", "off") not in ("auto", "on", "off"):
+        raise ConfigError(f"config.train.compile must be 'auto', 'on' or 'off', got {t.compile!r}")
     if config.sample.solver not in SOLVERS:
         raise ConfigError(f"config.sample.solver must be one of {SOLVERS}, got {config.sample.solver!r}")
+    if config.sample.solver in DETERMINISTIC_SOLVERS and config.sample.eta != 0:
+        raise ConfigError(f"config.sample.solver={config.sample.solver!r} is deterministic: config.sample.eta must be 0, "
+                          f"got {config.sample.eta!r} (use 'flow', 'ddim' or 'dance' for an SDE)")
+    if config.sample.get("eval_solver", "flow") not in SOLVERS:
+        raise ConfigError(f"config.sample.eval_solver must be one of {SOLVERS}, got {config.sample.eval_solver!r}")
     if not len(config.reward_fn):
         raise ConfigError("config.reward_fn is empty: name at least one reward with a weight")
     from reward_maps.base import RewardMapError, resolve_factory
@@ -111,10 +120,115 @@ def validate_config(config, world_size: int) -> Sizes:
                 resolve_factory(name)
             except RewardMapError as err:
                 raise ConfigError(f"config.{key}: {err}") from err
+            weight = config[key][name]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"config.{key}[{name!r}] = {weight!r}: a reward weight must be a finite number")
+    check_reward_options(config)
     for key in ("train", "test"):
         path = config.dataset[key]
         if key == "test" and not config.eval_freq:
             continue
         if not os.path.isfile(path):
             raise ConfigError(f"config.dataset.{key}: prompt file {path!r} does not exist (see README: Data)")
+    check_run_options(config, sizes)
+    validate_datasets(config)
     return sizes
+
+
+def check_reward_options(config) -> None:
+    """``config.reward_options``: every key names a registered scorer or one in reward_fn / eval_reward_fn
+    (a typo fails here, not silently), and the used scorers' factories accept their options."""
+    from reward_maps.base import RewardMapError, check_options, registered_names
+
+    used = list(dict.fromkeys([*config.reward_fn, *config.eval_reward_fn]))
+    known = set(registered_names()) | set(used)
+    for name in config.reward_options:
+        if name not in known:
+            raise ConfigError(
+                f"config.reward_options.{name}: no such reward scorer; registered: {', '.join(sorted(registered_names()))} "
+                f"(a plug-in 'package.module:callable' must also be in config.reward_fn or config.eval_reward_fn)"
+            )
+    for name in used:
+        options = config.reward_options.get(name) or {}
+        options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+        try:
+            check_options(name, options)
+        except RewardMapError as err:
+            raise ConfigError(f"config.reward_options.{name}: {err}") from err
+
+
+def check_run_options(config, sizes: Sizes) -> None:
+    """Keys whose bad values used to fail late or not at all (docs/reliability.md)."""
+    limit = config.checkpoints_total_limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"config.checkpoints_total_limit must be an integer >= 1 (the newest N checkpoints are "
+                          f"kept), got {limit!r}")
+    if config.sample.num_image_per_prompt == 1 and config.train.map_normalization == "group":
+        raise ConfigError(
+            "config.sample.num_image_per_prompt = 1 trains nothing with train.map_normalization='group': each "
+            "prompt's group holds one image, so every advantage is 0 and every r = 1/2 (no positive or negative "
+            "signal). Use K >= 2 images per prompt (upstream: 24), or train.map_normalization='none' for rewards "
+            "that already are optimality probabilities (masks)"
+        )
+    for key, allow_zero in (("reward_timeout_s", True), ("dist_timeout_s", False)):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+            accepted = "seconds >= 0 (0 = no limit)" if allow_zero else "seconds > 0"
+            raise ConfigError(f"config.{key} must be {accepted}, got {value!r}")
+    options = config.reward_options.to_dict() if hasattr(config.reward_options, "to_dict") else dict(config.reward_options)
+    gh, gw = sizes.location_grid
+    for name in dict.fromkeys([*config.reward_fn, *config.eval_reward_fn]):
+        opts = options.get(name)
+        size = opts.get("map_size") if isinstance(opts, dict) else None
+        if size is None:
+            continue
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if not (h % gh == 0 and w % gw == 0 or gh % h == 0 and gw % w == 0):
+            raise ConfigError(
+                f"config.reward_options[{name!r}].map_size = {size!r} cannot be pooled evenly onto the {gh}x{gw} "
+                f"location grid (sample.resolution / 8 / train.cell_size); use a multiple or divisor of it"
+            )
+
+
+MAX_REPORTED_PROBLEMS = 100
+
+
+def validate_datasets(config) -> None:
+    """Run every scorer's dataset check on the whole prompt file it will see, before any model loads.
+
+    Train prompts go to ``config.reward_fn``'s scorers, the evaluated test prompts (first
+    ``dataset.max_test_prompts``) to ``config.eval_reward_fn``'s. Raises one ConfigError listing every
+    bad line as ``file:line: scorer: why`` (the first MAX_REPORTED_PROBLEMS, and how many more).
+    """
+    from reward_maps.base import RewardMapError, dataset_problems
+    from u_nft.data import load_prompt_lines
+
+    options = config.reward_options.to_dict() if hasattr(config.reward_options, "to_dict") else dict(config.reward_options)
+    for key, rewards in (("train", "reward_fn"), ("test", "eval_reward_fn")):
+        if key == "test" and not config.eval_freq:
+            continue
+        path = config.dataset[key]
+        try:
+            prompts, metadata, lines = load_prompt_lines(path)
+        except ValueError as err:
+            raise ConfigError(f"config.dataset.{key}: {err}") from err
+        if key == "test" and config.dataset.max_test_prompts:
+            n = config.dataset.max_test_prompts
+            prompts, metadata, lines = prompts[:n], metadata[:n], lines[:n]
+        found = []
+        for name in config[rewards]:
+            try:
+                problems = dataset_problems(name, prompts, metadata, options.get(name, {}))
+            except (RewardMapError, TypeError) as err:
+                raise ConfigError(f"config.reward_options[{name!r}]: {err}") from err
+            found.extend((lines[i], name, why) for i, why in problems)
+        if found:
+            found.sort()
+            shown = [f"  {path}:{line}: {name}: {why}" for line, name, why in found[:MAX_REPORTED_PROBLEMS]]
+            more = len(found) - len(shown)
+            raise ConfigError(
+                f"config.dataset.{key}: {len(found)} prompt line(s) the reward scorers cannot score"
+                + (f" (first {len(shown)} shown, {more} more)" if more else "") + ":\n" + "\n".join(shown)
+            )

@@ -24,6 +24,12 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
     ``"prompt"``; the whole object is that prompt's metadata (tag, include, exclude, ...).
     Returns (prompts, metadata), equal lengths, in file order.
     """
+    prompts, metadata, _ = load_prompt_lines(path)
+    return prompts, metadata
+
+
+def load_prompt_lines(path: str | os.PathLike) -> tuple[list[str], list[dict], list[int]]:
+    """:func:`load_prompts` plus each prompt's 1-based line number in the file (for file:line errors)."""
     path = Path(path)
     if path.suffix not in PROMPT_FORMATS:
         raise ValueError(f"prompt file {path} has suffix {path.suffix!r}; accepted: {list(PROMPT_FORMATS)}")
@@ -31,6 +37,7 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     prompts: list[str] = []
     metadata: list[dict] = []
+    lines: list[int] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.strip()
@@ -39,6 +46,7 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
             if path.suffix == ".txt":
                 prompts.append(line)
                 metadata.append({})
+                lines.append(lineno)
                 continue
             try:
                 item = json.loads(line)
@@ -48,9 +56,10 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a string \"prompt\" field")
             prompts.append(item["prompt"])
             metadata.append(item)
+            lines.append(lineno)
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts, metadata
+    return prompts, metadata, lines
 
 
 class KRepeatSampler:

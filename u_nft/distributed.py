@@ -5,6 +5,7 @@ MASTER_PORT; without WORLD_SIZE everything runs as rank 0 of 1 and the collectiv
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +26,13 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) or fall back to one process.
 
     On CUDA the process binds to ``cuda:LOCAL_RANK`` before the group is created. Calling it again
-    returns the existing setup.
+    returns the existing setup. timeout_s: how long any collective waits for the other ranks before it
+    raises (gloo) or the NCCL watchdog aborts the process, so a dead or stuck rank ends the job with a
+    non-zero exit on every rank instead of hanging it (``config.dist_timeout_s``; None = torch's default).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
@@ -40,7 +43,11 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(f"WORLD_SIZE is set but {missing} are not; launch with torchrun")
-        dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError(f"config.dist_timeout_s must be seconds > 0, got {timeout_s!r}")
+        timeout = datetime.timedelta(seconds=float(timeout_s)) if timeout_s is not None else None
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://", **kwargs)
     return DistInfo(rank=rank(), world_size=world_size(), local_rank=local_rank, device=device)
 
 

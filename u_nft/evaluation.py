@@ -71,7 +71,7 @@ def eval_seed(seed: int, prompt_index: int, image_index: int = 0) -> int:
         if int(value) < 0:
             raise ValueError(f"eval_seed: {name}={value} must be >= 0")
     state = np.random.SeedSequence([int(seed), _EVAL_STREAM, int(prompt_index), int(image_index)])
-    return int(state.generate_state(1, dtype=np.uint64)[0] >> 2)
+    return int(state.generate_state(1, dtype=np.uint64)[0]) >> 2  # int() first: numpy 1.26 has no uint64 >> int
 
 
 # ---- the evaluation loop -----------------------------------------------------------------------------

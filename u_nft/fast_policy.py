@@ -35,7 +35,7 @@ from u_nft.lora import OLD, unwrap
 
 __all__ = [
     "MergedOldPolicy", "merged_weight",
-    "raise_recompile_limit", "compile_in_place",
+    "raise_recompile_limit", "compile_in_place", "compile_enabled", "compile_policy_forwards",
 ]
 
 # Dynamo's default of 8 graphs per code object is hit by SD3.5's dual-attention blocks (DESIGN.md §5)
@@ -52,16 +52,46 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     setattr(config, name, max(int(getattr(config, name)), int(limit)))
 
 
-def compile_in_place(module: nn.Module, mode: str | None = None) -> bool:
+def compile_in_place(module: nn.Module, mode: str | None = None, cpu: bool = False) -> bool:
     """``module.compile(mode=mode)`` (whole-model ``torch.compile``, in place: the state dict keeps its
-    names) when the module lives on a CUDA device; returns whether it compiled. CPU modules stay eager:
-    compile time there outweighs the gain at test sizes, and CI has no compiler toolchain to rely on."""
+    names, and every holder of the module, e.g. ``pipeline.transformer``, runs the compiled forward)
+    when the module lives on a CUDA device, or on the CPU too when ``cpu``; returns whether it compiled.
+    By default CPU modules stay eager: inductor's compile time there outweighs the gain at test sizes."""
     first = next(module.parameters(), None)
-    if first is None or first.device.type != "cuda":
+    if first is None or (first.device.type != "cuda" and not (cpu and first.device.type == "cpu")):
         return False
     raise_recompile_limit()
     module.compile(mode=mode)
     return True
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``train.compile``: "on" -> True (CPU too), "off" -> False, "auto" -> ``device`` is CUDA."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"config.train.compile must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
+def compile_policy_forwards(transformer: nn.Module, old_policy: "MergedOldPolicy | None", setting: str,
+                            device: torch.device, mode: str | None = None) -> bool:
+    """Whole-model ``torch.compile`` of the three forwards of a training micro-step (``train.compile``).
+
+    ``transformer`` (the LoRA'd model) serves v_theta (adapter "default") and v_ref (adapters disabled):
+    one compiled module, a graph per adapter state (dynamo guards on peft's flags; recompile limit
+    raised to :data:`RECOMPILE_LIMIT`). ``old_policy`` (a :class:`MergedOldPolicy`) serves v_old and the
+    rollouts: its plain module is compiled separately, and :meth:`MergedOldPolicy.refresh` keeps its
+    graphs valid (in-place weight updates). Compiling in place also covers the evaluation sampler,
+    which calls ``pipeline.transformer`` (EMA weights are swapped in place, no recompile).
+    Returns whether anything was compiled.
+    """
+    if not compile_enabled(setting, device):
+        return False
+    cpu = setting == "on"
+    compiled = compile_in_place(transformer, mode, cpu=cpu)
+    if old_policy is not None:
+        old_policy.compiled = compile_in_place(old_policy.module, mode, cpu=cpu)
+        compiled = compiled or old_policy.compiled
+    return compiled
 
 
 # ---- merging -----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ letting that happen mid-step would change the parameter set an optimizer or DDP 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -215,6 +216,9 @@ def load_lora_state(transformer: nn.Module, adapter: str, state: dict[str, torch
 # Prefixes that saved LoRA files put before the module path: diffusers pipelines ("transformer."),
 # peft's PeftModel ("base_model.model.").
 _FILE_PREFIXES = ("transformer.", "base_model.model.")
+# safetensors header key of files whose lora_B holds B * alpha / r (written where diffusers cannot store
+# the adapter config, see save_lora_diffusers); read_lora_file divides it back out.
+SCALE_FOLDED_KEY = "u_nft_lora_B_scale_folded"
 
 
 def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -236,11 +240,15 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights file {path} does not exist")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        folded = float((f.metadata() or {}).get(SCALE_FOLDED_KEY, 1.0))
     state = {}
     for key, value in load_file(str(path)).items():
         for prefix in _FILE_PREFIXES:
             key = key.removeprefix(prefix)
-        state[key] = value
+        state[key] = value / folded if folded != 1.0 and ".lora_B." in key else value
     return state
 
 
@@ -249,6 +257,8 @@ def save_lora_diffusers(transformer: nn.Module, adapter: str, out_dir: str | os.
 
     The peft config goes along as adapter metadata (``transformer_lora_adapter_metadata``); without it
     diffusers re-infers the config from the tensors and lora_alpha silently falls back to the rank.
+    diffusers 0.33 has no adapter metadata: there alpha / r is folded into lora_B (exact delta W under
+    the rank-as-alpha default it loads with) and recorded in the file header for :func:`read_lora_file`.
     Returns ``out_dir``.
     """
     from diffusers import StableDiffusion3Pipeline
@@ -258,11 +268,22 @@ def save_lora_diffusers(transformer: nn.Module, adapter: str, out_dir: str | os.
     _require_adapter(model, adapter)
     # On the base model (not a PeftModel wrapper) so the keys carry no "base_model.model." prefix.
     layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
-    metadata = model.peft_config[adapter].to_dict()
+    config = model.peft_config[adapter]
     out_dir = Path(out_dir)
-    StableDiffusion3Pipeline.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=metadata,
-    )
+    if "transformer_lora_adapter_metadata" in inspect.signature(StableDiffusion3Pipeline.save_lora_weights).parameters:
+        StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=layers,
+                                                   transformer_lora_adapter_metadata=config.to_dict())
+        return out_dir
+    # diffusers 0.33 neither stores the config nor reads one: it loads lora_alpha = r (scale 1). Folding
+    # alpha / r into lora_B keeps delta W exact there; the header records it for read_lora_file.
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError(f"adapter {adapter!r}: per-module rank/alpha patterns need diffusers >= 0.34 to export")
+    scale = config.lora_alpha / config.r
+    folded = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
+    StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=folded)
+    if scale != 1.0:
+        from safetensors.torch import load_file, save_file
+
+        weights = out_dir / "pytorch_lora_weights.safetensors"
+        save_file(load_file(str(weights)), str(weights), metadata={"format": "pt", SCALE_FOLDED_KEY: repr(scale)})
     return out_dir

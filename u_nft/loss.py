@@ -30,11 +30,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DenseLossOptions", "u_nft_loss", "per_location_mean", "expand_to_grid", "location_proposal"]
+from u_nft.diagnostics import policy_statistics
+
+__all__ = ["DenseLossOptions", "u_nft_loss", "per_location_mean", "expand_to_grid", "location_proposal",
+           "apply_adv_mode", "draw_locations"]
 
 ADAPTIVE_MODES = ("sample", "location", "none")
 ESTIMATORS = ("exact", "monte_carlo")
 PROPOSALS = ("uniform", "low_reward", "informative")
+ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,8 @@ class DenseLossOptions:
                      "informative" (q ∝ p |r - 1/2|); mixed with p so that q > 0 wherever p > 0.
     proposal_mix:    lambda in q = (1 - lambda) q_focus + lambda p; bounds the weights p/q by 1/lambda.
     neutral_tol:     |r - 1/2| below this counts as a neutral cell in the diagnostics.
+    adv_mode:        upstream ``config.train.adv_mode``, applied per location (:func:`apply_adv_mode`):
+                     "all" (default, r as given), "positive_only", "negative_only", "one_only", "binary".
     """
 
     beta: float = 1.0
@@ -64,6 +70,7 @@ class DenseLossOptions:
     proposal: Literal["uniform", "low_reward", "informative"] = "uniform"
     proposal_mix: float = 0.1
     neutral_tol: float = 1e-3
+    adv_mode: Literal["all", "positive_only", "negative_only", "one_only", "binary"] = "all"
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -82,6 +89,55 @@ class DenseLossOptions:
             raise ValueError(f"train.num_locations must be >= 1, got {self.num_locations}")
         if not 0 < self.proposal_mix <= 1:
             raise ValueError(f"train.proposal_mix must be in (0, 1], got {self.proposal_mix}")
+        if self.adv_mode not in ADV_MODES:
+            raise ValueError(f"train.adv_mode must be one of {ADV_MODES}, got {self.adv_mode!r}")
+
+
+def apply_adv_mode(r: torch.Tensor, mode: str, adv_clip_max: float) -> torch.Tensor:
+    """Upstream DiffusionNFT's ``train.adv_mode`` (NVlabs/DiffusionNFT scripts/train_nft_sd3.py), per location.
+
+    Upstream transforms the clipped advantage a = clip(A, -c, c) (c = adv_clip_max) and then sets
+    r = clamp(a / c / 2 + 1/2, 0, 1). Here r is already that map, so a / c = 2r - 1 and each mode is:
+
+    - "all":           r unchanged.
+    - "positive_only": a -> clip(a, 0, c):  r -> max(r, 1/2). Locations better than their group mean keep
+                       their positive weight; worse ones become neutral (r = 1/2) instead of negative.
+    - "negative_only": a -> clip(a, -c, 0): r -> min(r, 1/2). Only worse-than-mean locations are pushed away.
+    - "one_only":      a -> 1 if a > 0 else 0: r -> 1/2 + 1/(2c) where r > 1/2, else 1/2. Every better
+                       location gets the same small positive weight (a unit advantage), the rest are neutral.
+    - "binary":        a -> sign(a): r -> 1/2 + sign(r - 1/2)/(2c). A unit advantage of the location's sign;
+                       exactly-neutral locations stay 1/2.
+
+    Shapes: r (B, gh, gw) or any shape, values in [0, 1]; returns the same shape.
+    """
+    if mode == "all":
+        return r
+    a = 2.0 * r - 1.0  # a / c
+    if mode == "positive_only":
+        a = a.clamp(min=0.0)
+    elif mode == "negative_only":
+        a = a.clamp(max=0.0)
+    elif mode == "one_only":
+        a = (a > 0).to(r.dtype) / adv_clip_max
+    elif mode == "binary":
+        a = torch.sign(a) / adv_clip_max
+    else:
+        raise ValueError(f"train.adv_mode must be one of {ADV_MODES}, got {mode!r}")
+    return (a / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def draw_locations(q: torch.Tensor, num_locations: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """m flat location indices per row of q (B, n), drawn with replacement; a (B, m) LongTensor on q's device.
+
+    With a ``generator`` the draw runs on the generator's device (a CPU generator: on the CPU, from
+    q copied there), then moves to q's device: the training loop's CPU generator then works for q on a
+    GPU, and the same seed gives the same indices on either device (for the same q values).
+    Without a generator it draws on q's device from the global RNG.
+    """
+    if generator is None or generator.device == q.device:
+        return torch.multinomial(q, num_locations, replacement=True, generator=generator)
+    idx = torch.multinomial(q.detach().to(generator.device), num_locations, replacement=True, generator=generator)
+    return idx.to(q.device)
 
 
 def per_location_mean(x: torch.Tensor, cell_size: int) -> torch.Tensor:
@@ -132,6 +188,7 @@ def u_nft_loss(
     v_ref: torch.Tensor | None = None,
     valid_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    locations: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dense-map DiffusionNFT loss.
 
@@ -146,11 +203,16 @@ def u_nft_loss(
         x_t / noise: exactly one: the noised latents, or the noise eps (x_t = (1 - t) x0 + t eps).
         v_ref:   (B, C, H, W) reference velocity (LoRA disabled) for the KL term, or None.
         valid_mask: (B, gh, gw) bool/0-1, locations that count (p(U) uniform over them), or None.
-        generator: torch.Generator for the Monte Carlo draw.
+        generator: torch.Generator for the Monte Carlo draw, on any device (:func:`draw_locations`).
+        locations: (B, m) long flat cell indices already drawn from p(U) (``u_nft.sampled_cells``: U drawn
+                 before scoring, so the scorer evaluated exactly these); replaces the loss's own draw.
+                 Needs estimator "monte_carlo" and proposal "uniform" (then q = p and every weight is 1);
+                 the diagnostics mean_r / neutral_fraction are then taken over these cells.
 
     Returns:
         loss (0-d float32) and detached diagnostics: ``policy_loss``, ``positive_loss``,
-        ``negative_loss``, ``kl_loss``, ``mean_r``, ``neutral_fraction``, ``importance_weight_max``.
+        ``negative_loss``, ``kl_loss``, ``mean_r``, ``neutral_fraction``, ``importance_weight_max``, and
+        :func:`u_nft.diagnostics.policy_statistics` (``old_deviate``, ``x0_norm``, ... ; ``kl_div`` with v_ref).
     """
     o = options
     if v_theta.ndim != 4:
@@ -182,6 +244,7 @@ def u_nft_loss(
     r = expand_to_grid(r, grid, "r")
     if r.numel() and (r.min() < 0 or r.max() > 1 or not torch.isfinite(r).all()):
         raise ValueError(f"r must lie in [0, 1], got range [{r.min().item():.4g}, {r.max().item():.4g}]")
+    r = apply_adv_mode(r, o.adv_mode, o.adv_clip_max)
 
     p = torch.ones(B, *grid, device=r.device)
     if valid_mask is not None:
@@ -209,13 +272,24 @@ def u_nft_loss(
     pos = (r * loc_pos / w_pos).flatten(1)        # (B, n) r(U) l+(U)
     neg = ((1 - r) * loc_neg / w_neg).flatten(1)  # (B, n) (1 - r(U)) l-(U)
 
+    if locations is not None:
+        if o.estimator != "monte_carlo" or o.proposal != "uniform" or valid_mask is not None:
+            raise ValueError("locations drawn before scoring need train.estimator='monte_carlo', "
+                             f"train.proposal='uniform' and no valid_mask, got {o.estimator!r} / {o.proposal!r}")
+        if locations.ndim != 2 or locations.shape[0] != B or locations.dtype != torch.long:
+            raise ValueError(f"locations must be a ({B}, m) LongTensor, got {tuple(locations.shape)} {locations.dtype}")
+        if locations.numel() and (locations.min() < 0 or locations.max() >= p.shape[1]):
+            raise ValueError(f"locations must lie in [0, {p.shape[1]}) (the {grid[0]}x{grid[1]} location grid)")
     if o.estimator == "exact":
         pos_per_sample = (p * pos).sum(dim=1)
         neg_per_sample = (p * neg).sum(dim=1)
         max_weight = torch.ones((), device=v_theta.device)
     else:
         q = location_proposal(r.flatten(1), p, o.proposal, o.proposal_mix)
-        idx = torch.multinomial(q, o.num_locations, replacement=True, generator=generator)  # (B, m)
+        if locations is not None:
+            idx = locations.to(q.device)
+        else:
+            idx = draw_locations(q, o.num_locations, generator)  # (B, m)
         weight = p.gather(1, idx) / q.gather(1, idx)
         pos_per_sample = (weight * pos.gather(1, idx)).mean(dim=1)
         neg_per_sample = (weight * neg.gather(1, idx)).mean(dim=1)
@@ -230,14 +304,18 @@ def u_nft_loss(
         kl_loss = torch.zeros((), device=v_theta.device)
     loss = policy_loss + o.kl_weight * kl_loss
 
-    r_flat = r.flatten(1)
+    r_flat, p_diag = r.flatten(1), p
+    if locations is not None:  # off the drawn cells r is only a neutral filler
+        r_flat = r_flat.gather(1, idx)
+        p_diag = torch.full_like(r_flat, 1.0 / max(r_flat.shape[1], 1))
     diagnostics = {
         "policy_loss": policy_loss.detach(),
         "positive_loss": positive_loss.detach(),
         "negative_loss": negative_loss.detach(),
         "kl_loss": kl_loss.detach(),
-        "mean_r": (p * r_flat).sum(dim=1).mean(),
-        "neutral_fraction": (p * ((r_flat - 0.5).abs() < o.neutral_tol).float()).sum(dim=1).mean(),
+        "mean_r": (p_diag * r_flat).sum(dim=1).mean(),
+        "neutral_fraction": (p_diag * ((r_flat - 0.5).abs() < o.neutral_tol).float()).sum(dim=1).mean(),
         "importance_weight_max": max_weight.detach(),
+        **policy_statistics(v_theta, v_old, x0, v_ref),
     }
     return loss, diagnostics

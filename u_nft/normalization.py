@@ -73,7 +73,11 @@ def combine_rewards(
         if value.ndim == 1:
             value = value.view(-1, 1, 1).expand(-1, *grid_hw)
         else:
-            value = pool_to_grid(value, grid_hw)
+            try:
+                value = pool_to_grid(value, grid_hw)
+            except ValueError as err:
+                raise ValueError(f"reward scorer {name!r}: {err} (grid = sample.resolution / 8 / train.cell_size; "
+                                 f"or set the scorer's map size in config.reward_options)") from err
         if total is not None and value.shape[0] != total.shape[0]:
             raise ValueError(f"reward {name!r} has batch size {value.shape[0]}, expected {total.shape[0]}")
         total = weight * value if total is None else total + weight * value

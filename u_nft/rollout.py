@@ -50,7 +50,8 @@ def negative_embeddings(pipeline, batch_size: int, max_sequence_length: int = 12
 
 def _seed_for_stream(seed: int, stream: int) -> int:
     """A 63-bit seed derived from (seed, stream), so different streams of one sample never coincide."""
-    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # int() first: numpy 1.26 has no uint64 >> Python-int ufunc loop
+    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def initial_noise(seeds: Sequence[int], channels: int, height: int, width: int,

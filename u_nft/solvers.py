@@ -7,7 +7,12 @@ velocity v = ε − x0, so the x0-prediction is x̂0 = x − σ·v. Sampling int
 Solvers, as in upstream DiffusionNFT ``flow_grpo/diffusers_patch/solver.py``:
 - ``"flow"``: the Flow-GRPO SDE step, with ``eta = 0`` the Euler step of the ODE;
 - ``"dpm2"``: multistep DPM-Solver++(2M) in data prediction (Lu et al. 2022, arXiv 2211.01095,
-  Alg. 2) with α = 1 − σ, λ = log(α/σ); the first and the last step are deterministic DDIM steps.
+  Alg. 2) with α = 1 − σ, λ = log(α/σ); the first and the last step are deterministic DDIM steps;
+- ``"dpm1"``: DPM-Solver++ first order (the same first and last DDIM steps), deterministic;
+- ``"ddim"``: the DDIM step in flow form, stochastic with ``eta`` in [0, 1] (ρ = η·σ_next·√(…));
+- ``"dance"``: the DanceGRPO SDE step (Euler plus a score correction and noise η·√(σ − σ_next)).
+With eta = 0, "flow", "dance", "ddim" and "dpm1" all reduce to the Euler step of the ODE (in exact
+arithmetic: the DDIM and DPM-Solver++ first-order updates in flow form are x + (σ_next − σ)·v).
 
 All functions are pure: tensors and floats in, tensors out; randomness only through explicit
 noise tensors or generators.
@@ -20,7 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-SOLVERS = ("flow", "dpm2")
+SOLVERS = ("flow", "dpm2", "dance", "ddim", "dpm1")  # upstream solver.py registers these five
+DETERMINISTIC_SOLVERS = ("dpm2", "dpm1")  # eta must be 0
 TIMESTEP_MODES = ("long", "float")
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -115,13 +121,48 @@ def flow_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
     return mean + (std * math.sqrt(-dt)) * noise
 
 
-def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """Deterministic DDIM step in flow form: ε̂ = (x − (1 − σ)·x̂0)/σ, x' = (1 − σ_next)·x̂0 + σ_next·ε̂.
+def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float = 0.0,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM step in flow form (upstream ``ddim_step`` / ``ddim_update``): ε̂ = (x − (1 − σ)·x̂0)/σ.
 
-    For σ_next = 0 it returns x̂0 exactly. Shapes: x, x0 (B, …).
+    eta = 0: x' = (1 − σ_next)·x̂0 + σ_next·ε̂ (for σ_next = 0 exactly x̂0).
+    eta in (0, 1]: std = η·σ_next, ρ = std·√(1 − σ_next²(1 − σ)² / (σ²(1 − σ_next)²)),
+    x' = (1 − σ_next)·x̂0 + √(σ_next² − ρ²)·ε̂ + ρ·noise. Shapes: x, x0, noise (B, …).
     """
     eps = (x - (1 - sigma) * x0) / sigma
-    return (1 - sigma_next) * x0 + sigma_next * eps
+    if eta == 0.0:
+        return (1 - sigma_next) * x0 + sigma_next * eps
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs a standard-normal `noise` tensor shaped like x")
+    if not 0 < eta <= 1:
+        raise ValueError(f"ddim_step needs eta in [0, 1], got {eta}")
+    ratio = (sigma_next * (1 - sigma)) ** 2 / (sigma * (1 - sigma_next)) ** 2 if sigma_next < 1 else 0.0
+    rho = eta * sigma_next * math.sqrt(max(1.0 - ratio, 0.0))
+    return (1 - sigma_next) * x0 + math.sqrt(max(sigma_next**2 - rho**2, 0.0)) * eps + rho * noise
+
+
+def dance_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, eta: float = 0.0,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One step σ → σ_next of the DanceGRPO SDE (upstream ``dance_grpo_step``); eta = 0 is Euler.
+
+    dσ = σ_next − σ (< 0), x̂0 = x − σ·v, score ŝ = −(x − (1 − σ)·x̂0)/σ²,
+    x' = x + dσ·v − ½·η²·ŝ·dσ + η·√(σ − σ_next)·noise. Shapes: x, v, noise (B, …).
+    """
+    dsigma = sigma_next - sigma
+    if eta == 0.0:
+        return x + dsigma * v
+    if noise is None:
+        raise ValueError("dance_step with eta > 0 needs a standard-normal `noise` tensor shaped like x")
+    score = -(x - (1 - sigma) * x0_from_velocity(x, v, sigma)) / sigma**2
+    mean = x + dsigma * v - (0.5 * eta**2 * dsigma) * score
+    return mean + (eta * math.sqrt(-dsigma)) * noise
+
+
+def dpm1_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """DPM-Solver++ first-order step (upstream ``dpm_solver_first_order_update``), 0 < σ_next < σ < 1:
+    h = λ_next − λ_σ, x' = (σ_next/σ)·x − α_next·(e^{−h} − 1)·x̂0. Shapes: x, x0 (B, …)."""
+    h = _lambda(sigma_next) - _lambda(sigma)
+    return (sigma_next / sigma) * x + (-(1.0 - sigma_next) * math.expm1(-h)) * x0
 
 
 def _lambda(sigma: float) -> float:
@@ -175,16 +216,20 @@ def sample(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: torch.Tensor, sol
 
     ``velocity_fn(x, sigma) -> v``: x (B, …) in x_T's dtype, sigma the 0-d tensor ``sigmas[i]``;
     one call per step (N = len(sigmas) − 1 calls). The state is kept in at least float32.
-    ``solver``: ``"flow"`` (SDE with ``eta``, Euler for eta = 0) or ``"dpm2"`` (DPM-Solver++(2M),
+    ``solver``: ``"flow"`` (SDE with ``eta``, Euler for eta = 0), ``"dance"`` (DanceGRPO SDE),
+    ``"ddim"`` (eta in [0, 1]), or ``"dpm2"`` / ``"dpm1"`` (DPM-Solver++ 2M / first order,
     deterministic: eta must be 0). ``generator``: one ``torch.Generator`` for the batch, or one per
-    sample (then sample i's noise does not depend on the rest of the batch); used only if eta > 0.
+    sample (then sample i's noise does not depend on the rest of the batch); used only if eta > 0
+    (one draw per step).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if solver == "dpm2" and eta != 0.0:
-        raise ValueError(f"solver 'dpm2' is deterministic; eta must be 0, got {eta} (use solver 'flow')")
+    if solver in DETERMINISTIC_SOLVERS and eta != 0.0:
+        raise ValueError(f"solver {solver!r} is deterministic; eta must be 0, got {eta} (use solver 'flow')")
+    if solver == "ddim" and eta > 1:
+        raise ValueError(f"solver 'ddim' needs eta in [0, 1], got {eta}")
     sig = check_sigmas(sigmas)
     num_steps = len(sig) - 1
     x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))
@@ -192,13 +237,20 @@ def sample(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: torch.Tensor, sol
     for i in range(num_steps):
         sigma, sigma_next = sig[i], sig[i + 1]
         v = velocity_fn(x.to(x_T.dtype), sigmas[i]).to(x.dtype)
+        noise = _standard_normal(x, generator) if eta > 0 else None
         if solver == "flow":
-            noise = _standard_normal(x, generator) if eta > 0 else None
             x = flow_step(x, v, sigma, sigma_next, eta, noise, sigma_at_one=sig[1])
             continue
+        if solver == "dance":
+            x = dance_step(x, v, sigma, sigma_next, eta, noise)
+            continue
         x0 = x0_from_velocity(x, v, sigma)
-        if i == 0 or i == num_steps - 1:
+        if solver == "ddim":
+            x = ddim_step(x, x0, sigma, sigma_next, eta, noise)
+        elif i == 0 or i == num_steps - 1:  # dpm1 / dpm2: DDIM at the ends, as upstream
             x = ddim_step(x, x0, sigma, sigma_next)
+        elif solver == "dpm1":
+            x = dpm1_step(x, x0, sigma, sigma_next)
         else:
             x = dpm2_step(x, x0, x0_prev, sig[i - 1], sigma, sigma_next)
         x0_prev = x0

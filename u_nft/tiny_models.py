@@ -118,3 +118,75 @@ def build_tiny_clip(directory: str | os.PathLike, image_size: int = 224, patch_s
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return directory
+
+
+# T5 ---------------------------------------------------------------------------------------------
+# The real T5 tokenizer is a SentencePiece Unigram model (32,000 pieces + 100 sentinel ids); none can
+# be downloaded here, so a small Unigram model is trained offline on the text below. Only the vocab
+# size differs from T5's: the special ids (pad 0, eos 1, unk 2), the "▁" word boundary, the trailing
+# eos and the <extra_id_*> sentinels follow T5's conventions, so the pipeline code path is the real one.
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+T5_EXTRA_IDS = 100
+_T5_TRAINING_TEXT = (
+    "a photo of a cat sitting on a red chair next to a wooden table",
+    "a painting of a blue house under a starry night sky, oil on canvas",
+    "two dogs and three birds in a green park with tall trees",
+    "a sign that says \"hello world\" written in bold black letters",
+    "an astronaut riding a horse on the moon, digital art, highly detailed",
+    "a bowl of fruit: apples, bananas, oranges and grapes on a white plate",
+    "a city street at night with cars, lights, people and umbrellas in the rain",
+    "a small yellow boat on a calm lake surrounded by mountains and snow",
+    "a close-up portrait of an old man with a grey beard, studio lighting",
+    "a purple flower in a glass vase on the left of a brown book",
+    "a watercolor of a pink bicycle below a clock and above a bench",
+    "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9",
+)
+
+
+def write_t5_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) -> Path:
+    """Train a small SentencePiece-style Unigram model offline and save it as a ``T5TokenizerFast``.
+
+    Writes ``tokenizer.json`` (the ``tokenizers`` model: NFKC normalisation, "▁" Metaspace
+    pre-tokenisation, ``$A </s>`` post-processing) and ``tokenizer_config.json``; returns the directory.
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then up to ``vocab_size - 3`` learnt pieces, then the
+    :data:`T5_EXTRA_IDS` sentinels ``<extra_id_0>`` ... Deterministic: the same files on every call.
+    Loads with ``T5TokenizerFast.from_pretrained(directory)`` (transformers 4.x and 5.x).
+    """
+    from tokenizers import AddedToken, models, processors
+    from tokenizers.implementations import SentencePieceUnigramTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(list(_T5_TRAINING_TEXT), vocab_size=vocab_size, show_progress=False,
+                                special_tokens=[T5_PAD, T5_EOS, T5_UNK], unk_token=T5_UNK)
+    backend = unigram._tokenizer
+    # The trainer's parallel reductions leave the last bits of the piece scores (and the order of tied
+    # pieces) run-dependent: rounded scores, and learnt pieces sorted by (score desc, piece) after the
+    # three specials, make the file (ids and tokenisation) identical on every build.
+    trained = json.loads(backend.to_str())["model"]
+    specials, learnt = trained["vocab"][:3], trained["vocab"][3:]
+    learnt = sorted(((piece, round(score, 6)) for piece, score in learnt), key=lambda ps: (-ps[1], ps[0]))
+    backend.model = models.Unigram([tuple(ps) for ps in specials] + learnt, trained["unk_id"], False)
+    extra = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
+    eos_id = backend.token_to_id(T5_EOS)
+    if (backend.token_to_id(T5_PAD), eos_id, backend.token_to_id(T5_UNK)) != (0, 1, 2):
+        raise RuntimeError("write_t5_tokenizer: special tokens did not get T5's ids pad 0, eos 1, unk 2")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, eos_id)])
+    backend.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "model_max_length": 512,
+        "eos_token": T5_EOS,
+        "unk_token": T5_UNK,
+        "pad_token": T5_PAD,
+        "extra_ids": T5_EXTRA_IDS,
+        "additional_special_tokens": extra,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": T5_EOS, "unk_token": T5_UNK, "pad_token": T5_PAD,
+                    "additional_special_tokens": extra}), encoding="utf-8")
+    return directory

@@ -5,7 +5,10 @@ code path the trainer uses (``from_pretrained``, ``encode_prompt``, PEFT LoRA, V
 real diffusers one:
 
 - two ``CLIPTextModelWithProjection`` (hidden 32, projection 32) with the real CLIP BPE tokenizer;
-  no T5 (``text_encoder_3=None``): the pipeline then feeds zeros for the T5 tokens;
+- a ``T5EncoderModel`` (d_model 64 = joint_attention_dim, 2 blocks, gated-GELU as T5 v1.1) with a
+  small Unigram ``T5TokenizerFast`` trained offline (:func:`u_nft.tiny_models.write_t5_tokenizer`).
+  ``text_encoder_3=False`` builds the two-encoder variant (``text_encoder_3=None``; the pipeline then
+  feeds zeros for the T5 tokens);
 - ``SD3Transformer2DModel``: 2 layers (layer 0 with dual attention, as SD3.5-Medium), 4 heads of
   dim 8, patch 2, 16 latent channels, ``qk_norm="rms_norm"``; joint_attention_dim 64 (= the two
   CLIP hidden sizes summed, which the pipeline zero-pads up to it), pooled_projection_dim 64 (= the
@@ -36,11 +39,12 @@ from pathlib import Path
 
 import torch
 
-from u_nft.tiny_models import tiny_clip_text_config, write_clip_tokenizer
+from u_nft.shape_log import attach_shape_log_from_env
+from u_nft.tiny_models import tiny_clip_text_config, write_clip_tokenizer, write_t5_tokenizer
 
 # Written last into a finished build: its presence means the directory holds a complete pipeline.
 MARKER_NAME = ".u_nft_tiny_sd3_complete"
-_BUILD_FORMAT = 3  # bump when the built weights change: older builds are rebuilt
+_BUILD_FORMAT = 4  # bump when the built weights change: older builds are rebuilt
 
 # SD3.5 VAE latent normalisation (FACTS.md §G): decode x = z / 1.5305 + 0.0609.
 VAE_SCALING_FACTOR = 1.5305
@@ -50,15 +54,40 @@ HUB_ID = re.compile(  # "owner/name" on a model hub
     r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _tiny_components(seed: int) -> dict:
-    """Instantiate every pipeline component with weights drawn from ``seed`` (global RNG untouched)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+def t5_encoder_config(vocab_size: int, d_model: int, d_ff: int, num_heads: int, d_kv: int, num_layers: int):
+    """A ``T5Config`` for ``T5EncoderModel`` in T5 v1.1's form (gated GELU, untied embeddings, relative
+    position buckets 32 / distance 128, pad 0, eos 1), as SD3's T5-XXL; sizes as given."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, num_heads=num_heads, d_kv=d_kv,
+        num_layers=num_layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+        dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+    )
+
+
+def offline_tokenizers(t5: bool) -> dict:
+    """``tokenizer`` / ``tokenizer_2`` (real CLIP BPE) and ``tokenizer_3`` (offline Unigram T5, or None)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
     with tempfile.TemporaryDirectory() as tok_dir:
-        write_clip_tokenizer(tok_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir)
+        write_clip_tokenizer(Path(tok_dir) / "clip")
+        tokenizers = dict(tokenizer=CLIPTokenizer.from_pretrained(Path(tok_dir) / "clip"),
+                          tokenizer_2=CLIPTokenizer.from_pretrained(Path(tok_dir) / "clip"), tokenizer_3=None)
+        if t5:
+            write_t5_tokenizer(Path(tok_dir) / "t5")
+            tokenizers["tokenizer_3"] = T5TokenizerFast.from_pretrained(Path(tok_dir) / "t5")
+    return tokenizers
+
+
+def _tiny_components(seed: int, text_encoder_3: bool = True) -> dict:
+    """Instantiate every pipeline component with weights drawn from ``seed`` (global RNG untouched)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    tokenizers = offline_tokenizers(text_encoder_3)
+    tokenizer, tokenizer_2, tokenizer_3 = tokenizers["tokenizer"], tokenizers["tokenizer_2"], tokenizers["tokenizer_3"]
 
     clip_hidden, clip_proj = 32, 32
     with torch.random.fork_rng(devices=[]):
@@ -99,12 +128,18 @@ def _tiny_components(seed: int) -> dict:
             use_quant_conv=False,
             use_post_quant_conv=False,
         ).eval()
+        # T5 last, so the other components' weights do not depend on whether it is built.
+        text_encoder_3 = None
+        if tokenizer_3 is not None:
+            text_encoder_3 = T5EncoderModel(t5_encoder_config(
+                len(tokenizer_3), d_model=2 * clip_hidden, d_ff=4 * clip_hidden, num_heads=4, d_kv=16, num_layers=2,
+            )).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return dict(
         transformer=transformer, scheduler=scheduler, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
 
 
@@ -185,61 +220,69 @@ def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: 
     return float(loss.detach())
 
 
-def _is_complete(directory: Path) -> bool:
-    """A finished build of the current format (older formats count as incomplete and are rebuilt)."""
+def _is_complete(directory: Path, kind: str = "tiny") -> bool:
+    """A finished build of ``kind`` in the current format (older formats count as incomplete and are rebuilt)."""
     marker = directory / MARKER_NAME
     if not marker.is_file():
         return False
-    return json.loads(marker.read_text(encoding="utf-8")).get("format") == _BUILD_FORMAT
+    recorded = json.loads(marker.read_text(encoding="utf-8"))
+    return recorded.get("format") == _BUILD_FORMAT and recorded.get("kind", "tiny") == kind
 
 
-def _check_build(directory: Path, seed: int, pretrain_steps: int) -> None:
+def _check_build(directory: Path, wanted: dict) -> None:
     recorded = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
-    wanted = {"seed": seed, "pretrain_steps": pretrain_steps}
     got = {key: recorded.get(key) for key in wanted}
     if got != wanted:
         raise ValueError(
-            f"tiny SD3 pipeline at {directory} was built with {got}, not {wanted}; "
+            f"pipeline at {directory} was built with {got}, not {wanted}; "
             "pass overwrite=True to rebuild it or choose another directory"
         )
 
 
-def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False,
-                            pretrain_steps: int = 400) -> Path:
-    """Build the tiny SD3 pipeline (random weights, transparent decoder, ``pretrain_steps`` of
-    flow-matching pretraining; see the module doc) and ``save_pretrained`` it; return the path.
+def matches_build(directory: str | os.PathLike, kind: str = "tiny", **wanted) -> bool:
+    """Whether ``directory`` holds a complete current-format build of ``kind`` with the marker values
+    ``wanted`` (e.g. ``seed=0, text_encoder_3=True``): such a directory is reused as it is."""
+    directory = Path(directory).expanduser()
+    if not _is_complete(directory, kind):
+        return False
+    recorded = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
+    return all(recorded.get(key) == value for key, value in wanted.items())
 
-    Idempotent: a directory that already holds a complete build (marker file present) is reused,
-    unless ``overwrite``. The build goes to a sibling temporary directory, the marker is written
-    last and the directory is renamed into place, so concurrent builders and interrupted builds
-    never leave a half-written pipeline behind a marker.
-    Load it with :func:`load_sd3_pipeline` (or ``StableDiffusion3Pipeline.from_pretrained(directory,
-    text_encoder_3=None, tokenizer_3=None)``).
+
+def build_pipeline_directory(directory: str | os.PathLike, make_pipeline, marker: dict,
+                             overwrite: bool = False) -> Path:
+    """``make_pipeline().save_pretrained`` into ``directory`` once; return its resolved path.
+
+    ``marker`` (JSON-able, with a ``"kind"``) describes the build and is written last. Idempotent: a
+    directory holding a complete build with the same marker is reused; one with another marker is
+    refused (``ValueError``) unless ``overwrite``; our own build of an older format is rebuilt; a foreign
+    non-empty directory is refused (``FileExistsError``). The build goes to a sibling temporary
+    directory renamed into place, so concurrent and interrupted builds never leave a half-written
+    pipeline behind a marker.
     """
-    from diffusers import StableDiffusion3Pipeline
-
     directory = Path(directory).expanduser().resolve()
+    kind = marker["kind"]
+    marker = {**marker, "format": _BUILD_FORMAT}
+    wanted = {key: value for key, value in marker.items() if key != "format"}
     if directory.exists() and not overwrite:
-        if _is_complete(directory):
-            _check_build(directory, seed, pretrain_steps)
+        if _is_complete(directory, kind):
+            _check_build(directory, wanted)
             return directory
         if (directory / MARKER_NAME).is_file():
+            recorded = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
+            if recorded.get("kind", "tiny") != kind:
+                _check_build(directory, wanted)  # raises: another kind of build
             overwrite = True  # our own build of an older format: rebuild it
         elif any(directory.iterdir()):
             raise FileExistsError(
-                f"{directory} exists, is not empty and holds no complete tiny SD3 build "
+                f"{directory} exists, is not empty and holds no complete {kind} SD3 build "
                 f"(no {MARKER_NAME}); pass overwrite=True or choose another directory"
             )
     directory.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     try:
-        pipeline = StableDiffusion3Pipeline(**_tiny_components(seed))
-        make_decoder_transparent(pipeline.vae)
-        with torch.random.fork_rng(devices=[]):
-            pretrain_on_quadrants(pipeline, pretrain_steps, seed)
-        pipeline.save_pretrained(tmp)
-        marker = {"seed": seed, "pretrain_steps": pretrain_steps, "format": _BUILD_FORMAT}
+        make_pipeline().save_pretrained(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps(marker), encoding="utf-8")
         if directory.exists() and (overwrite or not any(directory.iterdir())):
             shutil.rmtree(directory)
@@ -247,13 +290,37 @@ def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwri
             os.rename(tmp, directory)
         except OSError:
             # Another process finished first: its build is as good as ours.
-            if not _is_complete(directory):
+            if not _is_complete(directory, kind):
                 raise
-            _check_build(directory, seed, pretrain_steps)
+            _check_build(directory, wanted)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def build_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False,
+                            pretrain_steps: int = 400, text_encoder_3: bool = True) -> Path:
+    """Build the tiny SD3 pipeline (random weights, transparent decoder, ``pretrain_steps`` of
+    flow-matching pretraining; see the module doc) and ``save_pretrained`` it; return the path.
+
+    ``text_encoder_3=True`` (default) gives the three-encoder pipeline (CLIP-L, CLIP-bigG and T5 roles,
+    as SD3.5); ``False`` the two-encoder one without T5. Idempotent and atomic, see
+    :func:`build_pipeline_directory`. Load it with :func:`load_sd3_pipeline` (or
+    ``StableDiffusion3Pipeline.from_pretrained(directory)``; add ``text_encoder_3=None,
+    tokenizer_3=None`` for the two-encoder build).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    def make():
+        pipeline = StableDiffusion3Pipeline(**_tiny_components(seed, text_encoder_3))
+        make_decoder_transparent(pipeline.vae)
+        with torch.random.fork_rng(devices=[]):
+            pretrain_on_quadrants(pipeline, pretrain_steps, seed)
+        return pipeline
+
+    marker = {"kind": "tiny", "seed": seed, "pretrain_steps": pretrain_steps, "text_encoder_3": bool(text_encoder_3)}
+    return build_pipeline_directory(directory, make, marker, overwrite)
 
 
 def _has_text_encoder_3(directory: Path) -> bool:
@@ -280,7 +347,8 @@ def load_sd3_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float
     ``model`` is ``config.pretrained.model``: e.g. ``"stabilityai/stable-diffusion-3.5-medium"``
     or the directory written by :func:`build_tiny_sd3_pipeline`. A local pipeline without a T5
     encoder is loaded with ``text_encoder_3=None, tokenizer_3=None`` (diffusers needs them
-    explicit); a pipeline with T5 (the real SD3.5, hub or local) keeps it.
+    explicit); a pipeline with T5 (the real SD3.5, hub or local) keeps it. With ``U_NFT_SHAPE_LOG``
+    set, the transformer's input shapes are logged there (:mod:`u_nft.shape_log`).
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -308,4 +376,5 @@ def load_sd3_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float
         )
     pipeline = StableDiffusion3Pipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
+    attach_shape_log_from_env(pipeline.transformer)  # only with U_NFT_SHAPE_LOG set (u_nft/shape_log.py)
     return pipeline.to(device)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from u_nft import distributed as dist
+from u_nft.diagnostics import gather_on_collective_device
 from u_nft.lora import OLD, adapters_disabled, use_adapter
 from u_nft.loss import DenseLossOptions, u_nft_loss
 from u_nft.normalization import (
@@ -174,14 +175,16 @@ def policy_predictions(transformer, x_t, t, prompt_embeds, pooled, need_ref: boo
 def micro_step_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                     prompt_embeds: torch.Tensor, pooled: torch.Tensor, options: DenseLossOptions,
                     autocast_dtype: torch.dtype | None, generator: torch.Generator | None = None,
-                    old_policy=None):
-    """Forward passes on x_t = (1 - t) x0 + t eps and the dense loss. Returns (loss, diagnostics)."""
+                    old_policy=None, locations: torch.Tensor | None = None):
+    """Forward passes on x_t = (1 - t) x0 + t eps and the dense loss. Returns (loss, diagnostics).
+    ``locations``: (B, m) cells drawn before scoring (``u_nft.sampled_cells``), passed to the loss."""
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * noise
     with autocast_context(x0.device, autocast_dtype):
         v_theta, v_old, v_ref = policy_predictions(transformer, x_t, t, prompt_embeds, pooled,
                                                    need_ref=options.kl_weight > 0, old_policy=old_policy)
-    return u_nft_loss(v_theta, v_old, x0, t, r, options, x_t=x_t, v_ref=v_ref, generator=generator)
+    return u_nft_loss(v_theta, v_old, x0, t, r, options, x_t=x_t, v_ref=v_ref, generator=generator,
+                      locations=locations)
 
 
 def mean_diagnostics(history: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -190,5 +193,5 @@ def mean_diagnostics(history: list[dict[str, torch.Tensor]]) -> dict[str, float]
         return {}
     keys = sorted(history[0])
     local = torch.stack([torch.stack([h[k].float().cpu() for h in history]).mean() for k in keys])
-    gathered = dist.all_gather_tensor(local.unsqueeze(0)).mean(dim=0)
+    gathered = gather_on_collective_device(local.unsqueeze(0)).mean(dim=0)  # nccl gathers CUDA tensors only
     return {k: float(v) for k, v in zip(keys, gathered)}
