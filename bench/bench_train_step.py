@@ -4,7 +4,7 @@
         --steps 10 --grad-ckpt --out docs/benchmarks.md
     python bench/bench_train_step.py --shape tiny --device cpu          # CI smoke (tests/test_bench.py)
 
-A random-weight ``SD3Transformer2DModel`` of the chosen shape (FACTS.md §G; no download) with LoRA
+A random-weight ``SD3Transformer2DModel`` of the chosen shape (docs/upstream_facts.md §G; no download) with LoRA
 r=32 / alpha=64 on upstream's 8 attention targets, adapters "default" and "old" given different random
 B (so v_theta, v_old and v_ref all differ), random prompt embeddings (SD3.5-M: 205 tokens x 4096,
 pooled 2048). Paths, each measured on the same weights and the same batch:
@@ -40,7 +40,7 @@ J = joint_attention_dim, P = pooled_projection_dim, c = in_channels x patch², p
   outside: 2 N c d (patch embed) + 2 T J d (context embed) + 2 (256 + P + 2 d) d (time / pooled)
            + 4 d² (final AdaLN) + 2 N d c_out (proj_out)
 A training micro-step counts (k + 3) forwards, k = no-grad forwards (v_old, and v_ref when
-kl_weight > 0), the backward as two forwards (DESIGN.md §5's convention; with a frozen base the weight
+kl_weight > 0), the backward as two forwards (the convention of docs/benchmarks.md's reference point; with a frozen base the weight
 gradients are not computed, so this overstates the real backward by about one forward). A sampling
 batch counts ``--steps`` forwards. The formula is checked against ``torch.utils.flop_counter`` in each run.
 
@@ -76,7 +76,7 @@ from u_nft.training import micro_step_loss  # noqa: E402
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
-# FACTS.md §G. Text tokens: 77 CLIP + 128 T5 (upstream max_sequence_length) = 205.
+# docs/upstream_facts.md §G. Text tokens: 77 CLIP + 128 T5 (upstream max_sequence_length) = 205.
 SHAPES = {
     "sd3.5-medium": dict(
         config=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -93,7 +93,7 @@ SHAPES = {
 }
 VAE_FACTOR = 8
 
-# The upstream default run (config/base.py; FACTS.md §F).
+# The upstream default run (config/base.py; docs/upstream_facts.md §F).
 EPOCH = dict(groups=48, images_per_group=24, gpus=8, timesteps=9)
 
 KL_WEIGHT = 1e-4  # upstream train.beta

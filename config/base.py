@@ -1,7 +1,7 @@
 """Every configuration key, declared once with its default and a one-line comment.
 
 Named experiments live in ``config/u_nft.py`` and change only what differs. Upstream hyper-parameters
-are DiffusionNFT's (NVlabs/DiffusionNFT config/nft.py; FACTS.md §F).
+are DiffusionNFT's (NVlabs/DiffusionNFT config/nft.py; docs/upstream_facts.md §F).
 """
 import os
 
@@ -20,7 +20,7 @@ def scorer_options():
     options of the scorers in ``reward_fn`` / ``eval_reward_fn`` reach factories."""
     from reward_maps.base import option_defaults, registered_names
 
-    options = ml_collections.ConfigDict()
+    options = ml_collections.ConfigDict(allow_dotted_keys=True)  # plug-ins: "package.module:callable" keys
     for name in registered_names():
         options[name] = ml_collections.ConfigDict({
             option: default if value_type is not None else config_dict.FieldReference(default, field_type=object)
@@ -112,12 +112,12 @@ def get_config():
     train.proposal_mix = 0.1              # q = (1 - mix) q_focus + mix p
     train.score_sampled_cells = True      # monte_carlo + uniform proposal + an occlusion map: draw U before scoring and
                                           # score only the drawn cells (m + 1 scorer images per sample, not |U| + 1)
-    train.map_normalization = "group"     # "group" (seed §5.1) | "none" (maps already in [0, 1], e.g. masks)
+    train.map_normalization = "group"     # "group" (docs/contract.md §3) | "none" (maps already in [0, 1], e.g. masks)
     train.map_scale = "global"            # Z: "global" (upstream std) | "group" | "location" | "fixed"
     train.map_sigma_min = 1e-2            # floor of the per-location std ("location")
     train.map_fixed_scale = 1.0           # Z / adv_clip_max for "fixed"
     train.scalar_mode = False             # True: broadcast each image's scalar reward (upstream DiffusionNFT)
-    train.decay_type = 1                  # old-policy EMA schedule 0 | 1 | 2 (FACTS.md §F)
+    train.decay_type = 1                  # old-policy EMA schedule 0 | 1 | 2 (docs/upstream_facts.md §F)
     train.ema = True                      # EMA of the trained LoRA for evaluation and export
     train.gradient_checkpointing = False  # trade compute for memory in the transformer
     train.compile = "auto"                # whole-model torch.compile of the trained, merged-old and reference forwards:

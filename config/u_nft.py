@@ -34,8 +34,9 @@ def _dataset(config, name, train="train.txt", test="test.txt"):
 
 def single_reward(config, name, options=None):
     """Train and evaluate on the one scorer ``name`` (weight 1), with factory ``options`` if given."""
-    config.reward_fn = ml_collections.ConfigDict({name: 1.0})
-    config.eval_reward_fn = ml_collections.ConfigDict({name: 1.0})
+    # allow_dotted_keys: a plug-in's name is "package.module:callable"
+    config.reward_fn = ml_collections.ConfigDict({name: 1.0}, allow_dotted_keys=True)
+    config.eval_reward_fn = ml_collections.ConfigDict({name: 1.0}, allow_dotted_keys=True)
     if options is not None:  # set only these options: the others keep their declared defaults
         if name in config.reward_options:
             config.reward_options[name].update(options)
@@ -115,7 +116,7 @@ def sd3_multi_semantic_map():
 
 def sd3_custom_mask():
     """A user's mask reward: per-prompt mask files listed in a jsonl ({"prompt": ..., "mask": "file.png"}).
-    Masks are already optimality probabilities, so normalization is skipped (seed §7)."""
+    Masks are already optimality probabilities, so normalization is skipped (docs/theory.md §7)."""
     config = _dataset(base_config(), "masks", "train.jsonl", "test.jsonl")
     config.run_name = "sd3_custom_mask"
     # Mask paths in the jsonl are relative to the dataset folder.

@@ -1,6 +1,6 @@
 """PickScore / CLIPScore / HPS-style reward maps from one transformers ``CLIPModel``.
 
-Scalars, exactly as upstream (FACTS.md §C; flow_grpo ``pickscore_scorer.py`` / ``clip_scorer.py``):
+Scalars, exactly as upstream (docs/upstream_facts.md §C; flow_grpo ``pickscore_scorer.py`` / ``clip_scorer.py``):
 
     pickscore_map   model yuvalkirstain/PickScore_v1, processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K
                     score = logit_scale.exp() * cos(text, image) / 26          (flow_grpo / DiffusionNFT)

@@ -82,6 +82,11 @@ class RewardSet:
             for name in self.weights
         }
 
+    @property
+    def scorers(self) -> dict[str, RewardScorer]:
+        """name -> the scorer instance (shared with other sets built from the same cache)."""
+        return {name: async_scorer.scorer for name, async_scorer in self._scorers.items()}
+
     def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict],
                label: str | None = None) -> PendingRewards:
         """label names the batch in a timeout error (e.g. "epoch 3 batch 1")."""

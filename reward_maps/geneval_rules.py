@@ -1,7 +1,7 @@
 """GenEval rule engine: metadata parsing, detection selection, verdicts and the dense credit map.
 
 Pure functions on plain data (no models), so every rule can be tested on synthetic detections.
-Sources (facts in ../shared/FACTS.md §A): djghosh13/geneval ``evaluation/evaluate_images.py`` (the
+Sources (facts in docs/upstream_facts.md §A): djghosh13/geneval ``evaluation/evaluate_images.py`` (the
 benchmark's *standard* verdict) and yifan123/reward-server ``reward_server/gen_eval.py``
 ``evaluate_reward`` (the training reward used by flow_grpo and DiffusionNFT: *strict* verdict and the
 *partial score*).

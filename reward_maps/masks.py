@@ -1,6 +1,6 @@
 """Mask helpers and mask-driven reward maps: soft masks, region colour/brightness, fixed mask files.
 
-Seed §7 (../shared/seeds/000_…): a binary mask can be used as r_map directly (values in {0, 1}, no
+docs/theory.md §7: a binary mask can be used as r_map directly (values in {0, 1}, no
 normalisation needed), and dilating or blurring it into a soft mask makes the signal more continuous.
 
 Layouts. A layout is a list of regions; each region is a dict with exactly one of
@@ -13,7 +13,7 @@ overlaps take the later target. A layout comes from the factory option ``regions
 from ``metadata[metadata_key]`` (default key "regions"), which takes precedence.
 
 Maps: inside region k the per-pixel reward is s_k(x) in [0, 1] (1 = on target); outside every region
-it is ``neutral`` (default 0.5 = no signal, DESIGN.md contract item 4). With soft region weights w_k
+it is ``neutral`` (default 0.5 = no signal, docs/contract.md property 4). With soft region weights w_k
 (after ``dilate``/``blur_sigma``) compositing is the "over" operator:
     a <- w_k * s_k + (1 - w_k) * a,   c <- w_k + (1 - w_k) * c,   (a, c start at 0)
     map = a + (1 - c) * neutral,      score = sum(a) / sum(c)   (mean reward over region pixels)
@@ -64,7 +64,7 @@ def _gaussian_kernel(sigma: float, device) -> torch.Tensor:
 
 
 def binary_to_soft(mask: torch.Tensor, blur_sigma: float = 0.0, dilate: int = 0) -> torch.Tensor:
-    """Binary mask -> soft mask (seed §7): dilate, then Gaussian-blur.
+    """Binary mask -> soft mask (docs/theory.md §7): dilate, then Gaussian-blur.
 
     mask: (..., H, W) bool or float in [0, 1]. dilate: radius in pixels of a square structuring element
     (a (2d+1)^2 max filter). blur_sigma: Gaussian standard deviation in pixels (separable, kernel
@@ -440,7 +440,7 @@ def mask_file_map(
     """A fixed reward map per prompt, read from the image file at ``metadata[metadata_key]``.
 
     The file is resized (bilinear) to the image size; with ``binary`` it is thresholded at 50% grey
-    (seed §7: a binary mask is a valid r_map), else grey levels / 255 are the reward. ``dilate`` and
+    (docs/theory.md §7: a binary mask is a valid r_map), else grey levels / 255 are the reward. ``dilate`` and
     ``blur_sigma`` soften it (:func:`binary_to_soft`). Score = mean of the map. The map does not depend
     on the image: useful as a spatial prior, or to test the training loop against a known target.
     """

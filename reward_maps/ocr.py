@@ -1,6 +1,6 @@
 """OCR reward maps: where in the image the prompt's quoted text is written right, wrong, or not at all.
 
-Scalar (upstream, flow_grpo ``ocr.py`` as used by DiffusionNFT; FACTS.md §B). The target is the first
+Scalar (upstream, flow_grpo ``ocr.py`` as used by DiffusionNFT; docs/upstream_facts.md §B). The target is the first
 quoted span, ``prompt.split('"')[1]``. The recognised string joins the texts of all engine lines with
 confidence > 0 (the engine already dropped lines below ``drop_score = 0.5``) with ``""``. Both strings are
 normalised by removing ``' '`` and lowercasing, then
@@ -52,7 +52,7 @@ image scores 1 with 1 on the text and 0.5 elsewhere; a correct sign next to a wr
 substring rule) while the map marks the wrong sign 0, which a scalar cannot see.
 
 Cost per 512x512 image on this 2-core CPU while it was shared (load ≈ 7): RapidOCR with character boxes
-0.3 s (quiet, FACTS.md) to 0.65 s (loaded), one onnxruntime thread; Tesseract 0.4–1.1 s; the alignment and
+0.3 s (quiet machine) to 0.65 s (loaded), one onnxruntime thread; Tesseract 0.4–1.1 s; the alignment and
 painting ≈ 20 ms. Batches run on ``num_workers`` threads, each with its own engine (onnxruntime and the
 tesseract subprocess release the GIL): 2 workers on 2 cores gave 0.74 s per image under that load.
 """

@@ -1,7 +1,7 @@
 """Semantic-relative reward map: SRPO's positive-minus-negative control phrases, made dense.
 
 SRPO (Shen et al., "Directly Aligning the Full Diffusion Trajectory with Fine-Grained Human Preference",
-arXiv 2509.06942, eqs. 8-9; ../shared/seeds/002_*) scores the same image against two texts built around
+arXiv 2509.06942, eqs. 8-9) scores the same image against two texts built around
 the prompt p, a positive control phrase ("realistic photo", p) and a negative one ("CG render", p), and
 uses the difference
 

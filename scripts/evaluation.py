@@ -25,8 +25,8 @@ from reward_maps.combine import RewardSet
 from u_nft import distributed as dist
 from u_nft.data import load_prompts
 from u_nft.evaluation import (DATASETS, checkpoint_lora_dir, evaluate_prompts, file_sha256, format_summary,
-                              image_saver, load_eval_lora, reward_metrics, sample_records, save_result_figures,
-                              write_json_atomic)
+                              image_saver, load_eval_lora, resolve_base_model, reward_metrics, sample_records,
+                              save_result_figures, write_json_atomic)
 from u_nft.rollout import encode_prompts, negative_embeddings
 from u_nft.solvers import SOLVERS, sd3_sigmas
 from u_nft.tiny_sd3 import load_sd3_pipeline
@@ -35,7 +35,8 @@ from u_nft.training import resolve_device, resolve_dtypes
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FORMAT_VERSION = 1
 
-flags.DEFINE_string("model", "stabilityai/stable-diffusion-3.5-medium", "Base pipeline: hub id or local directory.")
+flags.DEFINE_string("model", "", "Base pipeline: hub id or local directory. Default: with --checkpoint_path the base "
+                    "model that checkpoint was trained on (its config.json), else stabilityai/stable-diffusion-3.5-medium.")
 flags.DEFINE_string("checkpoint_path", "", "A checkpoint-K folder (its lora/ is loaded) or a run dir (latest checkpoint).")
 flags.DEFINE_string("lora_hf_path", "", "A LoRA: hub id, folder or .safetensors file (diffusers or peft format).")
 flags.DEFINE_enum("dataset", None, sorted(DATASETS), "Benchmark prompt set.")
@@ -158,9 +159,15 @@ def main(_):
     pipeline = None
     lora = None
     lora_source = str(checkpoint_lora_dir(FLAGS.checkpoint_path)) if FLAGS.checkpoint_path else FLAGS.lora_hf_path
+    try:
+        model, model_source = resolve_base_model(FLAGS.model, Path(lora_source).parent if FLAGS.checkpoint_path else None)
+    except FileNotFoundError as err:
+        raise app.UsageError(f"--checkpoint_path {FLAGS.checkpoint_path}: {err}") from err
+    if is_main:
+        print(f"base model: {model} (from {model_source})", flush=True)
     for turn in (True, False):
         if is_main == turn:
-            pipeline = load_sd3_pipeline(FLAGS.model, dtype=base_dtype, device=device)
+            pipeline = load_sd3_pipeline(model, dtype=base_dtype, device=device)
             if lora_source:
                 lora = load_eval_lora(pipeline, lora_source)
         dist.barrier()
@@ -176,7 +183,7 @@ def main(_):
         Path(lora_source).parent / "eval" / FLAGS.dataset if FLAGS.checkpoint_path
         else REPO_ROOT / "runs" / "eval" / f"{FLAGS.dataset}_{run_label()}")
     if is_main:
-        print(f"evaluating {lora_source or FLAGS.model} on {FLAGS.dataset} ({len(prompts)} prompts x "
+        print(f"evaluating {lora_source or model} on {FLAGS.dataset} ({len(prompts)} prompts x "
               f"{FLAGS.images_per_prompt} images, {dist.world_size()} ranks) -> {output_dir}", flush=True)
 
     # Generate and score
@@ -199,7 +206,7 @@ def main(_):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": launch_command(), "argv": sys.argv, "world_size": dist.world_size(),
             "config": {name: FLAGS[name].value for name in _OWN_FLAGS},
-            "model": FLAGS.model, "lora": lora, "environment": environment(),
+            "model": model, "model_source": model_source, "lora": lora, "environment": environment(),
             "dataset": {"name": FLAGS.dataset, "path": str(path.resolve()), "sha256": file_sha256(path),
                         "num_prompts": len(prompts), "images_per_prompt": FLAGS.images_per_prompt,
                         "num_samples": len(result.prompts), "note": DATASETS[FLAGS.dataset].note},

@@ -41,7 +41,7 @@ def test_flop_formula_matches_torch_flop_counter():
 
 
 def test_sd35_medium_forward_is_20_tflop_at_batch_9():
-    """DESIGN.md §5: one SD3.5-M forward at batch 9, 512 px, with a r=32 LoRA = 20.2 TFLOP."""
+    """docs/benchmarks.md reference point: one SD3.5-M forward at batch 9, 512 px, with a r=32 LoRA = 20.2 TFLOP."""
     bench = load_bench()
     config = bench.SHAPES["sd3.5-medium"]["config"]
     total = bench.forward_flops(config, 9, 1024, 205) + bench.lora_flops(config, 9, 1024, 205)

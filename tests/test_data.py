@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from u_nft import distributed
 from u_nft.data import KRepeatSampler, load_prompts
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from prompt_data import data_root, full_public_sets
 
 
 # Prompt files -------------------------------------------------------------------------------------
@@ -55,12 +55,15 @@ def test_unknown_suffix_and_missing_file_are_named(tmp_path):
         load_prompts(tmp_path / "nope.txt")
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared prompt data absent")
-def test_shared_prompt_files_load():
-    ocr, ocr_meta = load_prompts(SHARED_DATA / "ocr" / "test.txt")
-    assert len(ocr) == 1018 and all(p.count('"') >= 2 for p in ocr) and ocr_meta[0] == {}
-    geneval, meta = load_prompts(SHARED_DATA / "geneval" / "test_metadata.jsonl")
-    assert len(geneval) == 2212 and len(set(geneval)) == 553
+def test_benchmark_prompt_files_load():
+    """The fixtures by default; with U_NFT_DATA the public sets, whose sizes are checked too."""
+    ocr, ocr_meta = load_prompts(data_root() / "ocr" / "test.txt")
+    assert all(p.count('"') >= 2 for p in ocr) and ocr_meta[0] == {}
+    geneval, meta = load_prompts(data_root() / "geneval" / "test_metadata.jsonl")
+    distinct = list(dict.fromkeys(geneval))
+    assert geneval == distinct * 4  # GenEval's layout: the prompt list four times (4 images per prompt)
+    if full_public_sets():
+        assert len(ocr) == 1018 and len(geneval) == 2212 and len(distinct) == 553
     assert {m["tag"] for m in meta} == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert all(m["prompt"] == p for p, m in zip(geneval, meta))
     sampler = KRepeatSampler(len(geneval), k=4, num_groups=48, batch_size=8, world_size=2, rank=1, seed=0)

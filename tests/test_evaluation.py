@@ -16,18 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from u_nft.evaluation import (eval_seed, format_summary, load_eval_lora, map_statistics,
-                              write_json_atomic)
+from prompt_data import data_root
+from u_nft.evaluation import (DEFAULT_BASE_MODEL, eval_seed, format_summary, load_eval_lora, map_statistics,
+                              resolve_base_model, write_json_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluation.py"
-DATA = REPO.parent / "shared" / "data"
+DATA = data_root()  # the shipped fixtures, or the public sets with U_NFT_DATA (tests/prompt_data.py)
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 COMMON = ["--resolution", "64", "--num_steps", "2", "--mixed_precision", "no", "--batch_size", "2",
           "--mean_map_size", "4"]
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"public prompt sets not found at {DATA}")
-
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -73,8 +71,10 @@ def assets(tiny_sd3_dir, tmp_path_factory):
     pipeline = _lora_transformer(tiny_sd3_dir)
     transformer = pipeline.transformer
     run_dir = root / "run"
+    # the saved config names the base model, as train_u_nft_sd3.py's checkpoints do
     ckpt = save_checkpoint(run_dir, TrainState(epoch=1, global_step=3),
                            {"lora_default": lora_state_dict(transformer, TRAINABLE)},
+                           config={"pretrained": {"model": str(tiny_sd3_dir)}},
                            lora_dirs=lambda d: save_lora_diffusers(transformer, TRAINABLE, d / "lora"))
     return {"clip": str(clip), "mask2former": str(m2f), "run_dir": run_dir, "checkpoint": ckpt, "pipeline": pipeline}
 
@@ -95,8 +95,8 @@ def runs(tiny_sd3_dir, assets, tmp_path_factory):
                                        "detector_long_edge": 96}}
     specs = {
         "pick_base": model + pick + COMMON + ["--max_prompts", "5", "--save_images"],
-        "pick_lora": model + pick + COMMON + ["--max_prompts", "2", "--save_images",
-                                              "--checkpoint_path", str(assets["run_dir"])],
+        # no --model: the checkpoint's base model (its config.json), not the SD3.5-M hub id
+        "pick_lora": pick + COMMON + ["--max_prompts", "2", "--save_images", "--checkpoint_path", str(assets["run_dir"])],
         "ocr": model + COMMON + ["--dataset", "ocr", "--dataset_path", str(DATA / "ocr" / "test.txt"),
                                  "--max_prompts", "3", "--images_per_prompt", "2", "--batch_size", "4", "--save_maps",
                                  "--num_grid_images", "4", "--scorer_options",
@@ -126,7 +126,8 @@ def test_ocr_entries_aggregates_maps_and_command(runs):
     m = data["metrics"]["ocr_map"]
     assert m["n"] == 6 and m["accuracy"] == pytest.approx(np.mean(scores)) and m["mean"] == pytest.approx(np.mean(scores))
     assert m["exact_match"] == pytest.approx(np.mean([v == 1.0 for v in scores]))
-    assert samples[0]["info"]["ocr_map"]["target"] == "Spring Collection 2024"
+    first = (DATA / "ocr" / "test.txt").read_text(encoding="utf-8").splitlines()[0]
+    assert samples[0]["info"]["ocr_map"]["target"] == first.split('"')[1]
     for key in ("map_mean", "map_std", "positive_area", "negative_area"):
         assert m["map"][key] == pytest.approx(np.mean([s["map_stats"]["ocr_map"][key] for s in samples]), abs=1e-6)
     mean_map = np.asarray(m["map"]["mean_map"])
@@ -174,6 +175,7 @@ def test_lora_checkpoint_changes_images_on_identical_noise(runs, assets):
     base, base_dir = runs["pick_base"]
     tuned, tuned_dir = runs["pick_lora"]
     assert tuned["lora"]["path"] == str((assets["checkpoint"] / "lora").resolve())
+    assert tuned["model"] == base["model"] and tuned["model_source"].endswith("config.json pretrained.model")
     assert [s["seed"] for s in tuned["samples"]] == [s["seed"] for s in base["samples"][:2]]
     assert [s["prompt"] for s in tuned["samples"]] == [s["prompt"] for s in base["samples"][:2]]
     for i in range(2):
@@ -208,6 +210,19 @@ def test_bad_flags_name_the_flag(tiny_sd3_dir, tmp_path):
 
 
 # ---- library parts (in process) ------------------------------------------------------------------------
+
+def test_base_model_is_the_flag_else_the_checkpoints_else_the_default(tmp_path, tiny_sd3_dir):
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    assert resolve_base_model("", ckpt) == (DEFAULT_BASE_MODEL, "default (no --model and no checkpoint config naming one)")
+    (ckpt / "config.json").write_text(json.dumps({"pretrained": {"model": str(tiny_sd3_dir)}}))
+    assert resolve_base_model("", ckpt)[0] == str(tiny_sd3_dir)
+    assert resolve_base_model("owner/other-model", ckpt) == ("owner/other-model", "--model")
+    assert resolve_base_model("", None)[0] == DEFAULT_BASE_MODEL
+    (ckpt / "config.json").write_text(json.dumps({"pretrained": {"model": str(tmp_path / "moved_away")}}))
+    with pytest.raises(FileNotFoundError, match=r"moved_away.*pretrained.model.*--model"):
+        resolve_base_model("", ckpt)
+
 
 def test_eval_seed_depends_only_on_seed_prompt_and_image():
     seeds = {(s, i, k): eval_seed(s, i, k) for s in (0, 1) for i in range(50) for k in range(4)}

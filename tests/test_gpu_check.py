@@ -27,5 +27,5 @@ def test_cpu_dry_run_completes_every_stage_and_writes_the_report(tmp_path, tiny_
         assert f"| {stage} | ok |" in report, report[:2000]
     assert "| upstream |" in report and "| ours-merged |" in report and "| ours-ckpt |" in report
     assert "Occlusion map over jpeg_map" in report and "waits" in report
-    assert "resumed from" in report and "epoch 1:" in report and "eval after epoch 1" in report
+    assert "resumed from" in report and "epoch 1:" in report and "eval after 2 epoch(s)" in report
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"gpu_check.md", "bench.log", "train_bf16_resume.log"}

@@ -1,4 +1,4 @@
-"""The math contract of DESIGN.md §1, checked against formulas written out independently here."""
+"""The math contract (docs/contract.md §1-2), checked against formulas written out independently here."""
 import itertools
 
 import pytest

@@ -1,4 +1,4 @@
-"""Map normalization (seed §5.1, DESIGN.md §2) and its scalar special case = upstream's advantage pipeline."""
+"""Map normalization (docs/contract.md §3) and its scalar special case = upstream's advantage pipeline."""
 import numpy as np
 import pytest
 import torch

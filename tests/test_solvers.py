@@ -1,4 +1,4 @@
-"""Schedules and solvers (u_nft.solvers) against FACTS.md §F, diffusers, and an exactly solvable flow."""
+"""Schedules and solvers (u_nft.solvers) against docs/upstream_facts.md §F, diffusers, and an exactly solvable flow."""
 import math
 
 import pytest

@@ -1,10 +1,10 @@
-"""Upstream DiffusionNFT formulas written out independently (DESIGN.md §1, FACTS.md §E), for tests."""
+"""Upstream DiffusionNFT formulas written out independently (docs/contract.md §1, docs/upstream_facts.md §E), for tests."""
 import numpy as np
 import torch
 
 
 def upstream_scalar_loss(v_theta, v_old, v_ref, x0, noise, t, r, beta, kl_weight, adv_clip_max):
-    """DiffusionNFT's per-image loss as DESIGN.md §1 states it (x0 space, per-sample adaptive weight)."""
+    """DiffusionNFT's per-image loss as docs/contract.md §1 states it (x0 space, per-sample adaptive weight)."""
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * noise
     dims = (1, 2, 3)
@@ -21,7 +21,7 @@ def upstream_scalar_loss(v_theta, v_old, v_ref, x0, noise, t, r, beta, kl_weight
 
 
 def upstream_advantage_r(prompts, rewards, adv_clip_max=5.0, global_std=True):
-    """DiffusionNFT's PerPromptStatTracker (FACTS.md §E) then r = clamp(clip(A)/c/2 + 1/2, 0, 1), in numpy."""
+    """DiffusionNFT's PerPromptStatTracker (docs/upstream_facts.md §E) then r = clamp(clip(A)/c/2 + 1/2, 0, 1), in numpy."""
     prompts = np.array(prompts)
     rewards = np.asarray(rewards, dtype=np.float64)
     advantages = np.empty_like(rewards)

@@ -1,6 +1,6 @@
 """Prompt files and the K-repeat sampler that gives each prompt K images per epoch.
 
-DiffusionNFT normalises rewards within the K images of one prompt (FACTS.md §E), so every epoch
+DiffusionNFT normalises rewards within the K images of one prompt (docs/upstream_facts.md §E), so every epoch
 draws ``num_groups`` prompts and generates ``K = num_image_per_prompt`` images of each, spread over
 all ranks and sampling batches (upstream ``DistributedKRepeatSampler``, NVlabs/DiffusionNFT).
 """

@@ -1,6 +1,6 @@
 """Exponential moving averages: the EMA of the trained LoRA and the old-policy decay schedule.
 
-Both follow DiffusionNFT (NVlabs/DiffusionNFT, train_nft_sd3.py; FACTS.md §F):
+Both follow DiffusionNFT (NVlabs/DiffusionNFT, train_nft_sd3.py; docs/upstream_facts.md §F):
   EMA (weights for eval and export), after optimizer step k (k counted after its increment):
       decay_k = min((1 + k) / (10 + k), max_decay),  max_decay = 0.9
       ema ← ema + (1 − decay_k) · (θ − ema)
@@ -22,7 +22,7 @@ def ema_decay(step: int, max_decay: float = 0.9) -> float:
 
 
 def old_policy_decay(step: int, decay_type: int) -> float:
-    """Old-policy decay d(step) of DiffusionNFT (FACTS.md §F), step = optimizer steps so far.
+    """Old-policy decay d(step) of DiffusionNFT (docs/upstream_facts.md §F), step = optimizer steps so far.
 
     type 0: d = 0 (old ← θ every epoch)
     type 1: d = min(0.001 · step, 0.5)

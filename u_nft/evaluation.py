@@ -237,7 +237,7 @@ def summarize_scores(result: EvalResult) -> dict[str, Any]:
 # ---- benchmark metrics ---------------------------------------------------------------------------------
 
 def geneval_metrics(scores: Sequence[float], info: Sequence[Mapping]) -> dict[str, Any]:
-    """GenEval (FACTS.md §A) from the scorer's per-image verdicts: ``overall`` = plain mean over the tags
+    """GenEval (docs/upstream_facts.md §A) from the scorer's per-image verdicts: ``overall`` = plain mean over the tags
     present of the per-tag standard accuracy (the benchmark number), ``overall_strict`` likewise with the
     training (strict) verdict, ``mean_score`` = mean partial score, and ``per_tag`` {n, accuracy,
     strict_accuracy, score}. See :func:`reward_maps.geneval_rules.summarize`."""
@@ -254,7 +254,7 @@ def geneval_metrics(scores: Sequence[float], info: Sequence[Mapping]) -> dict[st
 
 
 def ocr_metrics(scores: Sequence[float], info: Sequence[Mapping]) -> dict[str, Any]:
-    """OCR (FACTS.md §B): ``accuracy`` = mean reward 1 − min(dist, len)/len (upstream's number) and
+    """OCR (docs/upstream_facts.md §B): ``accuracy`` = mean reward 1 − min(dist, len)/len (upstream's number) and
     ``exact_match`` = share of images whose reward is exactly 1 (target read, possibly among other text)."""
     values = np.asarray(scores, dtype=np.float64)
     return {"accuracy": float(values.mean()) if values.size else float("nan"),
@@ -359,6 +359,35 @@ def checkpoint_lora_dir(checkpoint_path: str | os.PathLike) -> Path:
             "checkpoints/checkpoint-K/lora/); for a bare LoRA folder or file use --lora_hf_path"
         )
     return path / "lora"
+
+
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-3.5-medium"  # DiffusionNFT's base model
+
+
+def resolve_base_model(model: str = "", checkpoint_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """The base pipeline to evaluate and where that choice came from: ``(model, source)``.
+
+    model: an explicit choice (``--model``), used as given. Otherwise a checkpoint written by
+    train_u_nft_sd3.py (``checkpoint_dir``: the checkpoint-K folder) names its base model in its
+    config.json (``pretrained.model``), so a LoRA is evaluated on the model it was trained on. Without
+    either (a bare LoRA, or an upstream checkpoint without config.json): DEFAULT_BASE_MODEL.
+    Raises FileNotFoundError when the checkpoint's base model is a local path that no longer exists.
+    """
+    if model:
+        return model, "--model"
+    if checkpoint_dir is not None:
+        config_file = Path(checkpoint_dir) / "config.json"
+        if config_file.is_file():
+            saved = json.loads(config_file.read_text(encoding="utf-8"))
+            base = (saved.get("pretrained") or {}).get("model") if isinstance(saved, dict) else None
+            if base:
+                if not HUB_ID.match(str(base)) and not Path(base).exists():
+                    raise FileNotFoundError(
+                        f"the checkpoint's base model {base!r} ({config_file}: pretrained.model) does not exist "
+                        "here; pass --model DIR_OR_HUB_ID"
+                    )
+                return str(base), f"{config_file} pretrained.model"
+    return DEFAULT_BASE_MODEL, "default (no --model and no checkpoint config naming one)"
 
 
 def load_eval_lora(pipeline, source: str | os.PathLike) -> dict[str, Any]:

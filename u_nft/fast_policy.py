@@ -1,6 +1,6 @@
 """Fast no-grad policies for the DiffusionNFT step: the old policy as a plain module with merged LoRA weights.
 
-Each training micro-step needs three velocities on the same inputs (DESIGN.md §1):
+Each training micro-step needs three velocities on the same inputs (docs/contract.md §1):
   v_old   = base + LoRA "old"  (no grad; also what samples the rollouts),
   v_ref   = base, LoRA off     (no grad; only when kl_weight > 0),
   v_theta = base + LoRA "default" (grad).
@@ -17,7 +17,7 @@ model when the dtypes agree: those weights are frozen, and v_old uses them uncha
 
 Memory (SD3.5-Medium, 2.24 B base parameters; LoRA targets = the 8 attention projections of the
 24 joint blocks, 0.45 B parameters): a full merged copy costs 4.5 GB in bf16 (+0.45 GB positional
-table), DESIGN.md §5; with sharing (source already bf16) only the merged targets are owned: 0.9 GB.
+table), docs/benchmarks.md reference point; with sharing (source already bf16) only the merged targets are owned: 0.9 GB.
 An fp32 source with a bf16 copy cannot share and owns the full 4.9 GB.
 
 After ``soft_update_old`` changes the old LoRA, :meth:`MergedOldPolicy.refresh` recomputes the merged
@@ -38,7 +38,7 @@ __all__ = [
     "raise_recompile_limit", "compile_in_place", "compile_enabled", "compile_policy_forwards",
 ]
 
-# Dynamo's default of 8 graphs per code object is hit by SD3.5's dual-attention blocks (DESIGN.md §5)
+# Dynamo's default of 8 graphs per code object is hit by SD3.5's dual-attention blocks (docs/benchmarks.md)
 # and by a model that runs with float (training) and long (sampling) timesteps, and adapters on/off.
 RECOMPILE_LIMIT = 64
 _HALF = (torch.float16, torch.bfloat16)
@@ -173,7 +173,7 @@ class MergedOldPolicy:
     when its weights are half precision and the caller set no autocast, under autocast in its dtype.
     It has ``config`` (the transformer's), so ``u_nft.rollout.sample_latents`` samples with it directly.
 
-    ``compile=True`` whole-model compiles the copy (dynamo recompile limit raised to 64, DESIGN.md §5)
+    ``compile=True`` whole-model compiles the copy (dynamo recompile limit raised to 64, docs/benchmarks.md)
     only when it lives on CUDA; ``self.compiled`` says whether it did.
 
     Memory: see the module docstring (SD3.5-M: 0.9 GB owned when sharing a bf16 base, 4.9 GB otherwise).

@@ -95,7 +95,7 @@ def add_lora_adapters(
 
     The LoRA update of a target linear W is ΔW = (alpha / rank) · B A (Hu et al. 2021), A: (rank, in),
     B: (out, rank). ``init="gaussian"`` draws A ~ N(0, 1/rank²) and sets B = 0 (peft), so both
-    policies start equal to the base model, as upstream (FACTS.md §F: r=32, alpha=64, gaussian).
+    policies start equal to the base model, as upstream (docs/upstream_facts.md §F: r=32, alpha=64, gaussian).
     ``init_lora_path`` loads a saved LoRA (diffusers ``pytorch_lora_weights.safetensors`` or a peft
     ``adapter_model.safetensors``, a file or its folder) into "default" before copying it to "old".
     The base weights are frozen. Returns the same transformer, with "default" active.
@@ -176,7 +176,7 @@ def adapters_disabled(transformer: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def soft_update_old(transformer: nn.Module, decay: float) -> None:
-    """old ← decay·old + (1 − decay)·default, computed in fp32 (FACTS.md §F, upstream after each epoch).
+    """old ← decay·old + (1 − decay)·default, computed in fp32 (docs/upstream_facts.md §F, upstream after each epoch).
 
     ``decay`` in [0, 1]; 0 copies "default" into "old" exactly.
     """

@@ -16,9 +16,9 @@ Per location u of the U grid (cells of ``cell_size`` x ``cell_size`` latent pixe
 
 ``w`` is upstream's adaptive weight stopgrad(mean |x0_hat - x0|).clamp(min=1e-5), taken per sample
 (upstream, default), per location, or off (w = 1). With a constant map r(u) = r this is exactly
-upstream's scalar loss (DESIGN.md §1, contract 1). ``estimator="exact"`` takes the full expectation
+upstream's scalar loss (docs/contract.md §1, property 1). ``estimator="exact"`` takes the full expectation
 over p(U) (uniform over valid cells); ``"monte_carlo"`` draws m locations per sample from a proposal q
-and weights them by p/q, an unbiased estimator of the same expectation (seed §7).
+and weights them by p/q, an unbiased estimator of the same expectation (docs/theory.md §4).
 
 The function takes tensors only; no model is called here.
 """

@@ -1,4 +1,4 @@
-"""Raw reward maps -> per-location optimality probabilities r_map (seed §5.1, DESIGN.md §2).
+"""Raw reward maps -> per-location optimality probabilities r_map (docs/contract.md §3, docs/theory.md §6).
 
 For the K images of one prompt (gathered over ranks), raw maps R^k on the location grid:
 
@@ -7,7 +7,7 @@ For the K images of one prompt (gathered over ranks), raw maps R^k on the locati
 
 with ``scale`` by default upstream's global std: the population std (ddof 0) of all raw values
 gathered in the epoch, + 1e-4. For constant maps this is exactly DiffusionNFT's per-prompt advantage
-A = (R - mean_prompt R) / (std_global R + 1e-4) followed by r = clip(A, ±c) / c / 2 + 1/2 (FACTS.md §E).
+A = (R - mean_prompt R) / (std_global R + 1e-4) followed by r = clip(A, ±c) / c / 2 + 1/2 (docs/upstream_facts.md §E).
 
 All functions are pure: tensors in, tensors out.
 """
@@ -58,7 +58,7 @@ def pool_to_grid(maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
 def combine_rewards(
     components: Mapping[str, torch.Tensor], weights: Mapping[str, float], grid_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """Weighted sum of several rewards on the location grid (upstream multi-reward ``avg``, FACTS.md §D).
+    """Weighted sum of several rewards on the location grid (upstream multi-reward ``avg``, docs/upstream_facts.md §D).
 
     components: name -> (B, h, w) map or (B,) scalar (a scalar is a constant map).
     weights:    name -> weight (a weighted SUM, as upstream).
@@ -152,7 +152,7 @@ def normalize_reward_maps(
 def scalar_rewards_to_r(
     rewards: torch.Tensor, group_ids: torch.Tensor, adv_clip_max: float = 5.0, global_std: bool = True
 ) -> torch.Tensor:
-    """Upstream DiffusionNFT: per-prompt advantage -> optimality probability (FACTS.md §E).
+    """Upstream DiffusionNFT: per-prompt advantage -> optimality probability (docs/upstream_facts.md §E).
 
     A = (R - mean_prompt R) / (std R + 1e-4)  (std global or per prompt, ddof 0);
     r = clamp(clip(A, -c, c) / c / 2 + 1/2, 0, 1),  c = adv_clip_max.   rewards: (N,) -> r (N,).

@@ -1,7 +1,7 @@
 """Rollouts of an SD3 pipeline: prompt encoding, per-sample noise, sampling, VAE decoding.
 
 Rollouts are what DiffusionNFT trains on: clean latents x0 (and their decoded images, for the
-reward) from the *old* policy, CFG-free by default (FACTS.md §F). Whatever adapter is active on the
+reward) from the *old* policy, CFG-free by default (docs/upstream_facts.md §F). Whatever adapter is active on the
 transformer is what samples: the trainer selects the old-policy adapter before calling in here.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sampling schedules and ODE/SDE solvers for rectified-flow models (SD3 convention).
 
-Convention (FACTS.md §F): x_σ = (1 − σ)·x0 + σ·ε, σ = 1 is pure noise, the model predicts the
+Convention (docs/upstream_facts.md §F): x_σ = (1 − σ)·x0 + σ·ε, σ = 1 is pure noise, the model predicts the
 velocity v = ε − x0, so the x0-prediction is x̂0 = x − σ·v. Sampling integrates dx/dσ = v from
 σ = 1 down to σ = 0 along a decreasing schedule ``sigmas`` (N + 1 values, the last one 0).
 

@@ -1,6 +1,6 @@
 """A tiny random-weight ``StableDiffusion3Pipeline`` built offline, and the pipeline loader.
 
-The tiny pipeline has the real SD3.5 structure (DESIGN.md §4, FACTS.md §G) at toy sizes, so every
+The tiny pipeline has the real SD3.5 structure (docs/upstream_facts.md §G) at toy sizes, so every
 code path the trainer uses (``from_pretrained``, ``encode_prompt``, PEFT LoRA, VAE decode) is the
 real diffusers one:
 
@@ -46,7 +46,7 @@ from u_nft.tiny_models import tiny_clip_text_config, write_clip_tokenizer, write
 MARKER_NAME = ".u_nft_tiny_sd3_complete"
 _BUILD_FORMAT = 4  # bump when the built weights change: older builds are rebuilt
 
-# SD3.5 VAE latent normalisation (FACTS.md §G): decode x = z / 1.5305 + 0.0609.
+# SD3.5 VAE latent normalisation (docs/upstream_facts.md §G): decode x = z / 1.5305 + 0.0609.
 VAE_SCALING_FACTOR = 1.5305
 VAE_SHIFT_FACTOR = 0.0609
 

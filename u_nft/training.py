@@ -41,7 +41,7 @@ def resolve_dtypes(mixed_precision: str, base_dtype: str, device: torch.device) 
     """(frozen weight dtype, autocast dtype or None).
 
     ``base_dtype="auto"``: on GPU with autocast, frozen weights in the autocast dtype (half the memory of
-    upstream's fp32 base, DESIGN.md §5, and no per-op weight casts); fp32 otherwise. Half-precision
+    upstream's fp32 base, docs/benchmarks.md reference point, and no per-op weight casts); fp32 otherwise. Half-precision
     frozen weights need autocast.
     """
     autocast = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
@@ -116,7 +116,7 @@ def raw_reward_grid(outputs: dict[str, Any], weights: dict[str, float], grid_hw:
     """Weighted sum of the rewards on the location grid, (B, gh, gw).
 
     outputs: name -> RewardOutput. Scalar mode uses each scorer's upstream scalar (a constant map),
-    which makes the whole pipeline upstream DiffusionNFT (DESIGN.md contract 5).
+    which makes the whole pipeline upstream DiffusionNFT (docs/contract.md property 5).
     """
     components = {name: (out.scores if scalar_mode else out.maps) for name, out in outputs.items()}
     return combine_rewards(components, weights, grid_hw)
