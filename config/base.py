@@ -120,8 +120,8 @@ def get_config():
     train.decay_type = 1                  # old-policy EMA schedule 0 | 1 | 2 (docs/upstream_facts.md §F)
     train.ema = True                      # EMA of the trained LoRA for evaluation and export
     train.gradient_checkpointing = False  # trade compute for memory in the transformer
-    train.compile = "auto"                # whole-model torch.compile of the trained, merged-old and reference forwards:
-                                          # "auto" (on for CUDA; its speed-up there is not yet measured here) | "on" | "off"
+    train.compile = "off"                 # whole-model torch.compile of the trained, merged-old and reference forwards:
+                                          # "off" (until measured on a GPU) | "auto" (on for CUDA, eager on CPU) | "on"
     train.old_policy = "auto"             # v_old and rollouts: "adapter" (LoRA "old") | "merged" (a copy with the
                                           # old LoRA merged, re-merged after each update) | "auto" (merged on GPU)
 
