@@ -1,6 +1,6 @@
 """Where the tests read the benchmark prompt sets (OCR, PickScore, DrawBench, GenEval metadata).
 
-By default: the small fixtures shipped in ``tests/fixtures/data/`` (written for these tests in the public
+By default: the small fixtures shipped in ``tests/fixtures/prompts/`` (written for these tests in the public
 sets' formats, so a clone runs the whole suite). ``U_NFT_DATA=/path/to/dataset`` runs the same tests on
 the full public sets instead (Flow-GRPO's ``dataset/`` folder layout: ``ocr/test.txt``,
 ``pickscore/test.txt``, ``drawbench/test.txt``, ``geneval/test_metadata.jsonl``), and the tests that
@@ -9,7 +9,7 @@ check the public sets' exact sizes then run too.
 import os
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "prompts"
 ENV_VAR = "U_NFT_DATA"
 
 
