@@ -29,13 +29,6 @@ from u_nft import distributed as dist
 TOP_PERCENTAGES = (100, 75, 50, 25, 10)
 
 
-def gather_on_collective_device(x: torch.Tensor) -> torch.Tensor:
-    """``dist.all_gather_tensor`` of a host tensor: moved to this rank's CUDA device first when one is in
-    use (nccl gathers only CUDA tensors), the result back on the CPU."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.all_gather_tensor(x.to(device)).cpu()
-
-
 def _groups(scores: np.ndarray, prompts: Sequence[str]) -> list[np.ndarray]:
     if len(prompts) != len(scores):
         raise ValueError(f"{len(scores)} rewards but {len(prompts)} prompts")
@@ -99,14 +92,14 @@ def epoch_reward_diagnostics(scores: Mapping[str, torch.Tensor], maps: Mapping[s
     """
     names = list(weights)
     total = sum(float(weights[n]) * scores[n].detach().double().cpu() for n in names)
-    all_total = gather_on_collective_device(total.contiguous())
+    all_total = dist.all_gather_tensor(total.contiguous())
     all_prompts = [p for chunk in dist.all_gather_object(list(prompts)) for p in chunk]
     out = group_reward_statistics(all_total, all_prompts)
     sums = torch.stack([r.detach().double().gt(0.5 + tol).sum().cpu(), r.detach().double().lt(0.5 - tol).sum().cpu(),
                         torch.tensor(r.numel(), dtype=torch.float64)]
                        + [maps[n].detach().double().sum().cpu() for n in names]
                        + [torch.tensor(maps[n].numel(), dtype=torch.float64) for n in names]).double()
-    sums = gather_on_collective_device(sums.unsqueeze(0)).sum(dim=0)
+    sums = dist.all_gather_tensor(sums.unsqueeze(0)).sum(dim=0)
     count = max(float(sums[2]), 1.0)
     out["r_positive_area"], out["r_negative_area"] = float(sums[0]) / count, float(sums[1]) / count
     out["r_neutral_area"] = 1.0 - out["r_positive_area"] - out["r_negative_area"]

@@ -86,18 +86,21 @@ def _check_same_shape(x: torch.Tensor) -> None:
 def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) along dim 0 in rank order: (world·N, ...).
 
-    A 0-dim tensor counts as shape (1,). With nccl, ``x`` must live on this rank's CUDA device.
-    Single process: returns ``x`` itself.
+    A 0-dim tensor counts as shape (1,). nccl gathers only CUDA tensors, so a host tensor travels through
+    this rank's CUDA device and comes back on ``x``'s device. Single process: returns ``x`` itself.
     """
     if not _active():
         return x
+    home = x.device
+    if dist.get_backend() == "nccl" and home.type != "cuda":
+        x = x.to(torch.device("cuda", torch.cuda.current_device()))
     x = x.contiguous()
     if x.dim() == 0:
         x = x.reshape(1)
     _check_same_shape(x)
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=0).to(home)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

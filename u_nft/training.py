@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import torch
 
 from u_nft import distributed as dist
-from u_nft.diagnostics import gather_on_collective_device
 from u_nft.lora import OLD, adapters_disabled, use_adapter
 from u_nft.loss import DenseLossOptions, u_nft_loss
 from u_nft.normalization import (
@@ -193,5 +192,5 @@ def mean_diagnostics(history: list[dict[str, torch.Tensor]]) -> dict[str, float]
         return {}
     keys = sorted(history[0])
     local = torch.stack([torch.stack([h[k].float().cpu() for h in history]).mean() for k in keys])
-    gathered = gather_on_collective_device(local.unsqueeze(0)).mean(dim=0)  # nccl gathers CUDA tensors only
+    gathered = dist.all_gather_tensor(local.unsqueeze(0)).mean(dim=0)
     return {k: float(v) for k, v in zip(keys, gathered)}
