@@ -18,8 +18,8 @@ from reward_maps.workers import AsyncScorer
 class ScorerCache:
     """One scorer instance per (name, options, device, dtype), shared by every RewardSet given this cache.
 
-    The train and eval reward sets name the same scorers with the same options (``sd3_multi_map``:
-    PickScore and CLIPScore in both), so without sharing each model would load once per set. Scorers
+    The train and eval reward sets name the same scorers with the same options (``sd3_multi_reward_map``:
+    PickScore, HPS and CLIPScore in both), so without sharing each model would load once per set. Scorers
     keep no per-call state (see :mod:`reward_maps.workers`), so one instance serves both sets.
     """
 
