@@ -22,6 +22,8 @@ setup(
         "wandb>=0.17",
         "numpy>=1.26",
         "pillow>=10.0",
+        # heatmap colour maps / colour bars written by every run, and the study figures (u_nft/plotting.py)
+        "matplotlib>=3.7",
         "safetensors>=0.4",
         "tqdm>=4.66",
     ],

@@ -71,6 +71,7 @@ from u_nft.fast_policy import MergedOldPolicy, compile_policy_forwards  # noqa: 
 from u_nft.loss import DenseLossOptions, u_nft_loss  # noqa: E402
 from u_nft.rollout import sample_latents  # noqa: E402
 from u_nft.solvers import sd3_sigmas  # noqa: E402
+from u_nft.models.sd3 import FAMILY as SD3  # noqa: E402
 from u_nft.training import micro_step_loss  # noqa: E402
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -258,8 +259,9 @@ class Path:
 
 def step_loss(transformer, path: Path, batch: Batch, r: torch.Tensor, options: DenseLossOptions):
     embeds, pooled = batch.embeds.to(path.base_dtype), batch.pooled.to(path.base_dtype)
-    args = (batch.x0, batch.noise, batch.t, r, embeds, pooled, options, path.autocast)
-    return micro_step_loss(transformer, *args, old_policy=path.old_policy)[0]
+    cond = {"prompt_embeds": embeds, "pooled": pooled}
+    return micro_step_loss(SD3, transformer, batch.x0, batch.noise, batch.t, r, cond, options, path.autocast,
+                           old_policy=path.old_policy)[0]
 
 
 def train_step_fn(transformer, path: Path, batch: Batch, r: torch.Tensor, options: DenseLossOptions,

@@ -50,18 +50,16 @@ def get_config():
 
     # ---- pretrained model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
-    pretrained.model = "stabilityai/stable-diffusion-3.5-medium"  # hub id or local dir of an SD3 pipeline
-    pretrained.build_tiny_if_missing = False  # build the offline tiny SD3 pipeline at `model` if absent
+    pretrained.model = "stabilityai/stable-diffusion-3.5-medium"  # hub id or local dir of a diffusers pipeline; its model_index.json names the family
+    pretrained.build_tiny_if_missing = False  # build the offline tiny pipeline of `tiny_family` at `model` if absent
+    pretrained.tiny_family = "sd3"        # which tiny pipeline that builds: "sd3" | "flux" | "qwen_image"
 
     # ---- LoRA ----
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 32                        # LoRA rank r
     lora.alpha = 64                       # LoRA alpha (scale alpha / r)
     lora.init = "gaussian"                # peft init_lora_weights
-    lora.target_modules = (               # attention projections of SD3's joint blocks (a tuple: overridable)
-        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
-    )
+    lora.target_modules = ()              # layers to adapt (a tuple); () = the family's default (SD3: the 8 attention projections of the joint blocks, as upstream)
     lora.init_path = ""                   # optional diffusers-format LoRA to start from
 
     # ---- prompts ----
@@ -81,6 +79,7 @@ def get_config():
     sample.eta = 0.0                      # SDE noise level of the "flow" solver (0 = deterministic)
     sample.guidance_scale = 1.0           # CFG scale for training rollouts (1.0 = CFG-free, upstream)
     sample.eval_guidance_scale = 1.0      # CFG scale for evaluation
+    sample.distilled_guidance = 3.5       # guidance value fed to guidance-distilled transformers (FLUX.1-dev; diffusers FluxPipeline default 3.5); others ignore it
     sample.max_sequence_length = 128      # T5 tokens (upstream NFT)
     sample.train_batch_size = 9           # images per rank per sampling batch
     sample.test_batch_size = 16           # images per rank per evaluation batch
@@ -105,6 +104,8 @@ def get_config():
     train.adv_mode = "all"                # upstream loss variant per location: "all" | "positive_only" | "negative_only"
                                           # | "one_only" | "binary" (u_nft/loss.py apply_adv_mode)
     train.adaptive_weighting = "sample"   # x0-error normaliser: "sample" (upstream) | "location" | "none"
+    train.neutral_anchor_weight = 0.0     # optional pull of neutral cells (r = 1/2) toward v_ref, weight 1 - |2r - 1|
+                                          # (u_nft/loss.py; 0 = off, the contract's loss exactly)
     train.cell_size = 2                   # location cell in latent pixels (1 = latent cell, 2 = transformer token)
     train.estimator = "exact"             # "exact" expectation over U | "monte_carlo"
     train.num_locations = 64              # m locations per image for "monte_carlo"
@@ -124,6 +125,13 @@ def get_config():
                                           # "off" (until measured on a GPU) | "auto" (on for CUDA, eager on CPU) | "on"
     train.old_policy = "auto"             # v_old and rollouts: "adapter" (LoRA "old") | "merged" (a copy with the
                                           # old LoRA merged, re-merged after each update) | "auto" (merged on GPU)
+    train.sharding = "ddp"                # how ranks hold the model (u_nft/sharding.py): "ddp" (a replica per rank,
+                                          # gradients all-reduced) | "fsdp" (FSDP2 fully_shard per transformer block:
+                                          # weights, LoRA, EMA and Adam sharded over ranks; old policy = the "old"
+                                          # adapter; sharded checkpoints). fsdp when a replica does not fit:
+                                          # SD3.5-L, FLUX.1, Qwen-Image on 80 GB (docs/memory_plan.md)
+    train.fsdp_text_encoders = "auto"     # under fsdp, also shard frozen text encoders: "auto" (>= 1 B parameters:
+                                          # T5-XXL, Qwen2.5-VL) | "all" | "none"
 
     # ---- rewards ----
     config.reward_fn = ml_collections.ConfigDict({"ocr_map": 1.0})  # name -> weight (weighted sum); "pkg.mod:fn" for your own

@@ -171,6 +171,142 @@ def tiny_scalar():
     return config
 
 
+# ---- FLUX.1-dev (u_nft/models/flux.py; every value and its source: docs/flux.md) ----
+FLUX_MODEL = "black-forest-labs/FLUX.1-dev"
+
+
+def flux_recipe(config):
+    """FLUX.1-dev RL as Flow-Factory's NFT-on-FLUX recipe (X-GenGroup/Flow-Factory examples/nft/lora/flux1)
+    and Flow-GRPO's FLUX configs (yifan123/flow_grpo config/grpo.py pickscore_flux, scripts/train_flux.py)
+    set it up: distilled guidance 3.5 and no CFG, LoRA r=64 / alpha=128 on the family's default targets
+    (double-stream attention + FFNs, single-stream attention), 8 ODE steps at 512 px, 28 evaluation steps,
+    KL weight 0, nft beta 1, bf16. Keys not set here keep DiffusionNFT's values (config/base.py)."""
+    config.pretrained.model = FLUX_MODEL
+    config.mixed_precision = "bf16"
+    config.lora.rank = 64
+    config.lora.alpha = 128
+    config.lora.target_modules = ()  # u_nft.models.flux.DEFAULT_LORA_TARGETS
+    config.sample.resolution = 512
+    config.sample.num_steps = 8
+    config.sample.eval_num_steps = 28
+    config.sample.guidance_scale = 1.0  # guidance-distilled: no CFG (validated at start-up)
+    config.sample.eval_guidance_scale = 1.0
+    config.sample.distilled_guidance = 3.5
+    config.sample.train_batch_size = 3
+    config.train.batch_size = 3
+    config.train.beta = 1.0
+    config.train.kl_weight = 0.0
+    return config
+
+
+def flux_ocr_map():
+    """OCR on FLUX.1-dev with the dense OCR map (RapidOCR)."""
+    config = flux_recipe(_dataset(base_config(), "ocr"))
+    config.run_name = "flux_ocr_map"
+    single_reward(config, "ocr_map")
+    return config
+
+
+def flux_scalar_baseline():
+    """DiffusionNFT on FLUX.1-dev: the OCR run with each image's scalar reward broadcast."""
+    config = flux_ocr_map()
+    config.run_name = "flux_scalar_baseline"
+    config.train.scalar_mode = True
+    return config
+
+
+def flux_geneval_map():
+    """GenEval compositional prompts on FLUX.1-dev with the per-object GenEval map."""
+    config = flux_recipe(_dataset(base_config(), "geneval", "train_metadata.jsonl", "test_metadata.jsonl"))
+    config.run_name = "flux_geneval_map"
+    single_reward(config, "geneval_map")
+    config.sample.test_batch_size = 14  # as sd3_geneval_map
+    return config
+
+
+def flux_pickscore_map():
+    """Human preference (PickScore) on FLUX.1-dev with the patch-text similarity map (Flow-GRPO pickscore_flux,
+    Flow-Factory's NFT FLUX example: both train FLUX on PickScore)."""
+    config = flux_recipe(_dataset(base_config(), "pickscore"))
+    config.run_name = "flux_pickscore_map"
+    single_reward(config, "pickscore_map")
+    return config
+
+
+def flux_tiny():
+    """The offline CPU default on FLUX: the tiny FLUX.1-dev-shaped pipeline (u_nft/tiny_flux.py, built on first
+    use), the tiny SD3 default's region-colour mask and budget, FLUX's distilled guidance and LoRA targets."""
+    config = tiny()
+    config.run_name = "flux_tiny"
+    config.pretrained.model = os.path.join(REPO_ROOT, ".cache", "tiny-flux")
+    config.pretrained.tiny_family = "flux"
+    config.lora.target_modules = ()  # u_nft.models.flux.DEFAULT_LORA_TARGETS
+    config.sample.distilled_guidance = 3.5
+    return config
+
+
+# ---- Qwen-Image (u_nft/models/qwen_image.py, diffusers >= 0.35; every value and its source: docs/qwen_image.md) ----
+QWEN_IMAGE_MODEL = "Qwen/Qwen-Image"
+
+
+def qwen_image_recipe(config):
+    """Qwen-Image RL as Flow-GRPO (yifan123/flow_grpo config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py)
+    and Flow-Factory's NFT-on-Qwen-Image example (X-GenGroup/Flow-Factory examples/nft/lora/qwen_image) set it up:
+    LoRA r=64 / alpha=128 on the family's default targets, 512 px, 10 rollout steps, 16 images per prompt and 32
+    prompt groups per epoch, 4 images per GPU, KL weight 0, nft beta 1, AdamW 2e-4, bf16, gradient checkpointing,
+    and the model sharded (20 B parameters do not fit as replicas with a merged old policy on 80 GB). Rollouts and
+    evaluation stay CFG-free as DiffusionNFT (both peers sample with true CFG 4.0: sample.guidance_scale=4.0)."""
+    config.pretrained.model = QWEN_IMAGE_MODEL
+    config.mixed_precision = "bf16"
+    config.lora.rank = 64
+    config.lora.alpha = 128
+    config.lora.target_modules = ()  # u_nft.models.qwen_image.DEFAULT_LORA_TARGETS
+    config.sample.resolution = 512
+    config.sample.num_steps = 10
+    config.sample.eval_num_steps = 40
+    config.sample.guidance_scale = 1.0
+    config.sample.eval_guidance_scale = 1.0
+    config.sample.max_sequence_length = 512  # QwenImagePipeline's default (padding is trimmed per batch)
+    config.sample.num_image_per_prompt = 16
+    config.sample.num_groups = 32
+    config.sample.train_batch_size = 4
+    config.sample.test_batch_size = 4
+    config.train.batch_size = 4
+    config.train.beta = 1.0
+    config.train.kl_weight = 0.0
+    config.train.learning_rate = 2e-4
+    config.train.gradient_checkpointing = True
+    config.train.sharding = "fsdp"
+    return config
+
+
+def qwen_image_ocr_map():
+    """OCR on Qwen-Image with the dense OCR map (RapidOCR)."""
+    config = qwen_image_recipe(_dataset(base_config(), "ocr"))
+    config.run_name = "qwen_image_ocr_map"
+    single_reward(config, "ocr_map")
+    return config
+
+
+def qwen_image_scalar_baseline():
+    """DiffusionNFT on Qwen-Image: the OCR run with each image's scalar reward broadcast."""
+    config = qwen_image_ocr_map()
+    config.run_name = "qwen_image_scalar_baseline"
+    config.train.scalar_mode = True
+    return config
+
+
+def qwen_image_tiny():
+    """The offline CPU default on Qwen-Image: the tiny Qwen-Image pipeline (u_nft/tiny_qwen_image.py, built on
+    first use), the tiny SD3 default's region-colour mask and budget, Qwen-Image's LoRA targets."""
+    config = tiny()
+    config.run_name = "qwen_image_tiny"
+    config.pretrained.model = os.path.join(REPO_ROOT, ".cache", "tiny-qwen-image")
+    config.pretrained.tiny_family = "qwen_image"
+    config.lora.target_modules = ()  # u_nft.models.qwen_image.DEFAULT_LORA_TARGETS
+    return config
+
+
 def get_config(name):
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; defined in config/u_nft.py: {', '.join(sorted(EXPERIMENTS))}")
@@ -179,4 +315,7 @@ def get_config(name):
 
 EXPERIMENTS = {f.__name__: f for f in (sd3_ocr_map, sd3_scalar_baseline, sd3_geneval_map, sd3_pickscore_map,
                                         sd3_hpsv2_map, sd3_multi_reward_map, sd3_multi_semantic_map, sd3_custom_mask,
-                                        tiny, tiny_scalar)}
+                                        tiny, tiny_scalar,
+                                        flux_tiny, flux_ocr_map, flux_scalar_baseline, flux_geneval_map,
+                                        flux_pickscore_map,
+                                        qwen_image_tiny, qwen_image_ocr_map, qwen_image_scalar_baseline)}

@@ -7,9 +7,9 @@
 #   LOWEST_VENV=/somewhere bash scripts/...       # another venv location
 #
 # The venv does not see the system site-packages (newer releases are installed there). It gets the CPU
-# torch 2.13.0 (as scripts/setup.sh), transformers 4.46, diffusers 0.33, peft 0.15, accelerate 1.0 and
-# numpy 1.26 (the lowest releases setup.py allows, latest patch), then the package with its test extras
-# constrained to those pins. Idempotent: a venv whose stamp matches the pins and setup.py is reused.
+# torch 2.13.0 (as scripts/setup.sh), transformers 4.46, diffusers 0.33, peft 0.15, accelerate 1.0,
+# numpy 1.26 and matplotlib 3.7 (the lowest releases setup.py allows, latest patch), then the package with
+# its test extras constrained to those pins. Idempotent: a venv whose stamp matches the pins and setup.py is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -22,6 +22,7 @@ PINS=(
   "peft==0.15.*"
   "accelerate==1.0.*"
   "numpy==1.26.*"
+  "matplotlib==3.7.*"
 )
 mkdir -p "$CACHE"
 STAMP="$VENV/.u_nft_lowest_stamp"

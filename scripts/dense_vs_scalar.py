@@ -217,16 +217,15 @@ def baseline_eval(args, objective, seed, keep_images=0):
     from reward_maps.combine import RewardSet
     from u_nft.data import load_prompts
     from u_nft.evaluation import evaluate_prompts
-    from u_nft.rollout import encode_prompts
-    from u_nft.solvers import sd3_sigmas
-    from u_nft.tiny_sd3 import build_tiny_sd3_pipeline, load_sd3_pipeline
+    from u_nft.models import family_for, family_named
 
     config = load_experiments().experiment(objective, args.methods[0])
     for item in args.override:
         _apply_override(config, item)
     if config.pretrained.build_tiny_if_missing:
-        build_tiny_sd3_pipeline(config.pretrained.model)
-    pipeline = load_sd3_pipeline(config.pretrained.model, dtype=torch.float32, device="cpu")
+        family_named(config.pretrained.tiny_family).build_tiny(config.pretrained.model)
+    family = family_for(config.pretrained.model)
+    pipeline = family.load_pipeline(config.pretrained.model, dtype=torch.float32, device="cpu")
     prompts, metadata = load_prompts(config.dataset.test)
     if config.dataset.max_test_prompts:
         prompts, metadata = prompts[:config.dataset.max_test_prompts], metadata[:config.dataset.max_test_prompts]
@@ -234,9 +233,12 @@ def baseline_eval(args, objective, seed, keep_images=0):
     rewards = RewardSet({name: 1.0}, {name: config.reward_options[name].to_dict()}, "cpu", torch.float32, 1)
     max_len = config.sample.max_sequence_length
     try:
-        result = evaluate_prompts(pipeline, lambda p: encode_prompts(pipeline, p, max_len, "cpu"), prompts, metadata,
-                                  rewards, seed=seed, resolution=config.sample.resolution,
-                                  sigmas=sd3_sigmas(config.sample.eval_num_steps), solver=config.sample.eval_solver,
+        result = evaluate_prompts(family, pipeline, lambda p: family.encode_prompts(pipeline, p, max_len, "cpu"),
+                                  prompts, metadata, rewards, seed=seed, resolution=config.sample.resolution,
+                                  sigmas=family.sigmas(pipeline, config.sample.eval_num_steps,
+                                                       config.sample.resolution),
+                                  solver=config.sample.eval_solver,
+                                  guidance=config.sample.distilled_guidance,
                                   guidance_scale=config.sample.eval_guidance_scale,
                                   batch_size=config.sample.test_batch_size, keep_images=keep_images)
     finally:
@@ -372,9 +374,8 @@ def plot_curves(args, summary, path):
 
 def sample_grid(args, start_grids, path):
     """Rows per objective: the initial model's held-out samples | heatmaps, then each method's final ones."""
-    from PIL import Image, ImageDraw
-
-    from u_nft.plotting import _font
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = []
     seed = args.seeds[0]
@@ -388,7 +389,7 @@ def sample_grid(args, start_grids, path):
                 raise RuntimeError(f"no final evaluation grid in {images}")
             rows.append((f"{objective}: {method}, end", Image.open(found[0]).convert("RGB")))
     rows = [(label, row.resize((row.width * scale, row.height * scale), Image.NEAREST)) for label, row in rows]
-    label_w, font = 190, _font(15)
+    label_w, font = 190, ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 15)  # matplotlib ships it
     canvas = Image.new("RGB", (label_w + max(r.width for _, r in rows), sum(r.height for _, r in rows)), "white")
     draw, y = ImageDraw.Draw(canvas), 0
     for label, row in rows:

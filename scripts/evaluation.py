@@ -27,9 +27,8 @@ from u_nft.data import load_prompts
 from u_nft.evaluation import (DATASETS, checkpoint_lora_dir, evaluate_prompts, file_sha256, format_summary,
                               image_saver, load_eval_lora, resolve_base_model, reward_metrics, sample_records,
                               save_result_figures, write_json_atomic)
-from u_nft.rollout import encode_prompts, negative_embeddings
-from u_nft.solvers import SOLVERS, sd3_sigmas
-from u_nft.tiny_sd3 import load_sd3_pipeline
+from u_nft.models import conditioning_to, family_for
+from u_nft.solvers import SOLVERS
 from u_nft.training import resolve_device, resolve_dtypes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +45,8 @@ flags.DEFINE_integer("images_per_prompt", 1, "Images per prompt (4 for GenEval's
 flags.DEFINE_string("reward_fn", "", "Comma-separated scorers (registered names or pkg.module:callable); default per dataset.")
 flags.DEFINE_string("scorer_options", "{}", "JSON {scorer: {option: value}} (or a path to such a file), e.g. local model dirs.")
 flags.DEFINE_float("guidance_scale", 1.0, "CFG scale (1.0 = CFG-free, as DiffusionNFT models are trained).")
+flags.DEFINE_float("distilled_guidance", 3.5, "Guidance value fed to guidance-distilled transformers (FLUX.1-dev; "
+                   "diffusers FluxPipeline default 3.5); ignored by other families.")
 flags.DEFINE_integer("num_steps", 40, "Solver steps (upstream evaluation: 40).")
 flags.DEFINE_enum("solver", "flow", list(SOLVERS), "flow = deterministic Euler (upstream evaluation); dpm2 = DPM-Solver++ 2M.")
 flags.DEFINE_integer("resolution", 512, "Image side in pixels (multiple of 16).")
@@ -63,7 +64,7 @@ flags.DEFINE_integer("num_grid_images", 16, "Samples shown in the grids.")
 flags.DEFINE_integer("mean_map_size", 32, "Side of the mean reward map in results.json (0 = off).")
 FLAGS = flags.FLAGS
 _OWN_FLAGS = ("model", "checkpoint_path", "lora_hf_path", "dataset", "dataset_path", "max_prompts", "images_per_prompt",
-              "reward_fn", "scorer_options", "guidance_scale", "num_steps", "solver", "resolution", "mixed_precision",
+              "reward_fn", "scorer_options", "guidance_scale", "distilled_guidance", "num_steps", "solver", "resolution", "mixed_precision",
               "base_dtype", "batch_size", "max_sequence_length", "seed", "device", "reward_workers", "output_dir",
               "save_images", "save_maps", "num_grid_images", "mean_map_size")
 
@@ -163,22 +164,30 @@ def main(_):
         model, model_source = resolve_base_model(FLAGS.model, Path(lora_source).parent if FLAGS.checkpoint_path else None)
     except FileNotFoundError as err:
         raise app.UsageError(f"--checkpoint_path {FLAGS.checkpoint_path}: {err}") from err
+    for turn in (True, False):  # the family from the model's model_index.json (main rank downloads first)
+        if is_main == turn:
+            family = family_for(model)
+        dist.barrier()
+    try:
+        family.check_guidance_scale(FLAGS.guidance_scale, "--guidance_scale")
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
     if is_main:
-        print(f"base model: {model} (from {model_source})", flush=True)
+        print(f"base model: {model} (from {model_source}), family {family.name}", flush=True)
     for turn in (True, False):
         if is_main == turn:
-            pipeline = load_sd3_pipeline(model, dtype=base_dtype, device=device)
+            pipeline = family.load_pipeline(model, dtype=base_dtype, device=device)  # VAE in fp32, as upstream
             if lora_source:
                 lora = load_eval_lora(pipeline, lora_source)
         dist.barrier()
-    pipeline.vae.to(torch.float32)  # decode in fp32, as upstream
     pipeline.transformer.eval()
 
     def encode(batch_prompts):
-        embeds, pooled = encode_prompts(pipeline, batch_prompts, FLAGS.max_sequence_length, device)
-        return embeds.to(base_dtype), pooled.to(base_dtype)
+        return conditioning_to(family.encode_prompts(pipeline, batch_prompts, FLAGS.max_sequence_length, device),
+                               base_dtype)
 
-    negative = negative_embeddings(pipeline, 1, FLAGS.max_sequence_length, device) if FLAGS.guidance_scale != 1.0 else None
+    negative = (family.negative_conditioning(pipeline, FLAGS.max_sequence_length, device)
+                if FLAGS.guidance_scale != 1.0 else None)
     output_dir = Path(FLAGS.output_dir) if FLAGS.output_dir else (
         Path(lora_source).parent / "eval" / FLAGS.dataset if FLAGS.checkpoint_path
         else REPO_ROOT / "runs" / "eval" / f"{FLAGS.dataset}_{run_label()}")
@@ -190,8 +199,9 @@ def main(_):
     saver = image_saver(output_dir, FLAGS.images_per_prompt, FLAGS.save_images, FLAGS.save_maps) \
         if FLAGS.save_images or FLAGS.save_maps else None
     result = evaluate_prompts(
-        pipeline, encode, prompts, metadata, rewards, seed=FLAGS.seed, resolution=FLAGS.resolution,
-        sigmas=sd3_sigmas(FLAGS.num_steps), solver=FLAGS.solver, guidance_scale=FLAGS.guidance_scale,
+        family, pipeline, encode, prompts, metadata, rewards, seed=FLAGS.seed, resolution=FLAGS.resolution,
+        sigmas=family.sigmas(pipeline, FLAGS.num_steps, FLAGS.resolution), solver=FLAGS.solver,
+        guidance_scale=FLAGS.guidance_scale, guidance=FLAGS.distilled_guidance,
         negative=negative, batch_size=FLAGS.batch_size, autocast_dtype=autocast_dtype,
         keep_images=FLAGS.num_grid_images if FLAGS.save_images or FLAGS.save_maps else 0, on_batch=saver,
         images_per_prompt=FLAGS.images_per_prompt,
@@ -206,7 +216,7 @@ def main(_):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": launch_command(), "argv": sys.argv, "world_size": dist.world_size(),
             "config": {name: FLAGS[name].value for name in _OWN_FLAGS},
-            "model": model, "model_source": model_source, "lora": lora, "environment": environment(),
+            "model": model, "model_source": model_source, "family": family.name, "lora": lora, "environment": environment(),
             "dataset": {"name": FLAGS.dataset, "path": str(path.resolve()), "sha256": file_sha256(path),
                         "num_prompts": len(prompts), "images_per_prompt": FLAGS.images_per_prompt,
                         "num_samples": len(result.prompts), "note": DATASETS[FLAGS.dataset].note},

@@ -37,3 +37,32 @@ def tiny_sd3_dir(tmp_path_factory) -> Path:
 def tiny_sd3_clip_only_dir(tmp_path_factory) -> Path:
     """The two-encoder tiny SD3 pipeline (no T5); U_NFT_TINY_SD3_CLIP_ONLY_DIR keeps one across runs."""
     return _tiny_build(tmp_path_factory, "U_NFT_TINY_SD3_CLIP_ONLY_DIR", text_encoder_3=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """The tiny FLUX.1-dev-shaped pipeline (u_nft.tiny_flux, seed 0, default pretraining), built once per
+    session; U_NFT_TINY_FLUX_DIR keeps one across runs (a folder holding another build is left alone)."""
+    from u_nft.tiny_flux import build_tiny_flux_pipeline, matches_tiny_flux_build
+
+    cached = os.environ.get("U_NFT_TINY_FLUX_DIR")
+    if cached and (matches_tiny_flux_build(cached) or not Path(cached).exists()):
+        return build_tiny_flux_pipeline(cached, seed=0)
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen-Image pipeline (u_nft.tiny_qwen_image, seed 0, default pretraining), built once per
+    session; U_NFT_TINY_QWEN_IMAGE_DIR keeps one across runs (a folder holding another build is left alone).
+    Skips where diffusers has no Qwen-Image (< 0.35, e.g. the lowest-versions CI step)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(diffusers, "QwenImagePipeline") or not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        pytest.skip(f"Qwen-Image needs diffusers >= 0.35 (have {diffusers.__version__})")
+    from u_nft.tiny_qwen_image import build_tiny_qwen_image_pipeline, matches_tiny_qwen_image_build
+
+    cached = os.environ.get("U_NFT_TINY_QWEN_IMAGE_DIR")
+    if cached and (matches_tiny_qwen_image_build(cached) or not Path(cached).exists()):
+        return build_tiny_qwen_image_pipeline(cached, seed=0)
+    return build_tiny_qwen_image_pipeline(tmp_path_factory.mktemp("tiny_qwen_image") / "pipeline", seed=0)

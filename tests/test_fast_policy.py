@@ -10,6 +10,7 @@ from u_nft.fast_policy import MergedOldPolicy, merged_weight
 from u_nft.loss import DenseLossOptions, u_nft_loss
 from u_nft.rollout import sample_latents
 from u_nft.solvers import sd3_sigmas
+from u_nft.models.sd3 import FAMILY as SD3
 from u_nft.training import policy_predictions
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -171,13 +172,13 @@ def test_trainable_gradients_unchanged_by_merged_old_policy():
     model.train()
     inputs = make_inputs()
     r = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4))
-    embeds, pooled = inputs["encoder_hidden_states"], inputs["pooled_projections"]
+    cond = {"prompt_embeds": inputs["encoder_hidden_states"], "pooled": inputs["pooled_projections"]}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     loss_a, grads_a = loss_and_grads(
-        model, lambda x_t, t: policy_predictions(model, x_t, t, embeds, pooled, need_ref=True), inputs, r)
+        model, lambda x_t, t: policy_predictions(SD3, model, x_t, t, cond, need_ref=True), inputs, r)
     policy = MergedOldPolicy(model)
     loss_b, grads_b = loss_and_grads(
-        model, lambda x_t, t: policy_predictions(model, x_t, t, embeds, pooled, need_ref=True, old_policy=policy),
+        model, lambda x_t, t: policy_predictions(SD3, model, x_t, t, cond, need_ref=True, old_policy=policy),
         inputs, r)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.active_adapters() == [lora.TRAINABLE]
@@ -192,10 +193,10 @@ def test_reference_velocity_is_the_base_model():
     inputs = make_inputs()
     t = inputs["timestep"] / 1000
     policy = MergedOldPolicy(model)
-    embeds, pooled = inputs["encoder_hidden_states"], inputs["pooled_projections"]
+    cond = {"prompt_embeds": inputs["encoder_hidden_states"], "pooled": inputs["pooled_projections"]}
     with torch.no_grad():
-        _, v_old, v_ref = policy_predictions(model, inputs["hidden_states"], t, embeds, pooled, True, old_policy=policy)
-        _, _, no_ref = policy_predictions(model, inputs["hidden_states"], t, embeds, pooled, False, old_policy=policy)
+        _, v_old, v_ref = policy_predictions(SD3, model, inputs["hidden_states"], t, cond, True, old_policy=policy)
+        _, _, no_ref = policy_predictions(SD3, model, inputs["hidden_states"], t, cond, False, old_policy=policy)
     with torch.no_grad(), lora.adapters_disabled(model):
         expected_ref = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(v_ref, expected_ref)

@@ -11,7 +11,7 @@ from PIL import Image
 import reward_maps
 from reward_maps import examples
 from reward_maps.base import RewardMapError, RewardOutput, check_images, validate_output
-from reward_maps.heatmap import DIVERGING, colorize, overlay_heatmap, save_grid
+from reward_maps.heatmap import COLORBAR_MIN_HEIGHT, COLORBAR_WIDTH, colorize, diverging_colormap, overlay_heatmap, save_grid
 from reward_maps.workers import AsyncScorer, chunk_bounds
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "custom_rewards.md"
@@ -20,16 +20,20 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "custom_rewards.md"
 # Heatmaps -----------------------------------------------------------------------------------------
 
 
+def _end_colors():
+    cmap = diverging_colormap()
+    return torch.tensor(cmap(0.0)[:3], dtype=torch.float32), torch.tensor(cmap(1.0)[:3], dtype=torch.float32)
+
+
 def test_colormap_endpoints_and_neutral_midpoint():
+    blue, red = _end_colors()
     rgb = colorize(torch.tensor([[0.0, 0.5, 1.0, 2.0]]))
-    assert torch.allclose(rgb[:, 0, 0], torch.tensor(DIVERGING[0][1]))
-    assert torch.allclose(rgb[:, 0, 1], torch.tensor(DIVERGING[2][1]))
-    assert torch.allclose(rgb[:, 0, 2], torch.tensor(DIVERGING[-1][1]))
+    assert torch.allclose(rgb[:, 0, 0], blue) and torch.allclose(rgb[:, 0, 2], red)
+    assert torch.allclose(rgb[:, 0, 1], torch.full((3,), 0.8654), atol=2e-3)  # r = 1/2: neutral grey
     assert torch.equal(rgb[:, 0, 3], rgb[:, 0, 2])  # clipped to the range
     assert rgb[2, 0, 0] > rgb[0, 0, 0] and rgb[0, 0, 2] > rgb[2, 0, 2]  # low = blue, high = red
     own_range = colorize(torch.tensor([[-3.0, -1.0]]), value_range=None)
-    assert torch.allclose(own_range[:, 0, 0], torch.tensor(DIVERGING[0][1]))
-    assert torch.allclose(own_range[:, 0, 1], torch.tensor(DIVERGING[-1][1]))
+    assert torch.allclose(own_range[:, 0, 0], blue) and torch.allclose(own_range[:, 0, 1], red)
 
 
 def test_overlay_upsamples_cells_and_blends_with_alpha():
@@ -39,7 +43,7 @@ def test_overlay_upsamples_cells_and_blends_with_alpha():
     assert torch.equal(plain.permute(2, 0, 1), (image * 255).round().to(torch.int64))
     full = overlay_heatmap(image, reward_map, alpha=1.0)
     assert full.size == (48, 32)
-    red = tuple(round(c * 255) for c in DIVERGING[-1][1])
+    red = tuple(round(c * 255) for c in _end_colors()[1].tolist())
     assert full.getpixel((16, 0)) == red and full.getpixel((31, 15)) == red  # cell (0, 1) spans 16 x 16 px
     assert full.getpixel((0, 16)) == red and full.getpixel((16, 16)) != red
 
@@ -48,7 +52,8 @@ def test_save_grid_writes_image_overlay_pairs(tmp_path):
     path = save_grid(torch.rand(5, 3, 16, 24), torch.rand(5, 4, 4), tmp_path / "sub" / "grid.png", ncols=2, pad=2)
     with Image.open(path) as grid:
         assert grid.format == "PNG" and grid.mode == "RGB"
-        assert grid.size == (2 * (2 * 24 + 2) + 2, 3 * (16 + 2) + 2)  # 2 pairs per row, 3 rows
+        # 2 pairs per row, 3 rows, then the colour bar (at least COLORBAR_MIN_HEIGHT tall)
+        assert grid.size == (2 * (2 * 24 + 2) + 2 + COLORBAR_WIDTH, max(3 * (16 + 2) + 2, COLORBAR_MIN_HEIGHT))
     with pytest.raises(RewardMapError, match="save_grid"):
         save_grid(torch.rand(2, 3, 8, 8), torch.rand(3, 2, 2), tmp_path / "bad.png")
 

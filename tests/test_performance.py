@@ -8,6 +8,7 @@ from test_fast_policy import adapter_old, lora_model, make_inputs, rel_err
 from u_nft import lora
 from u_nft.fast_policy import MergedOldPolicy, compile_enabled, compile_policy_forwards
 from u_nft.loss import DenseLossOptions
+from u_nft.models.sd3 import FAMILY as SD3
 from u_nft.training import micro_step_loss
 
 
@@ -21,7 +22,8 @@ def step(model, policy, kl_weight=1e-2):
     params = lora.trainable_parameters(model)
     for p in params:
         p.grad = None
-    loss, _ = micro_step_loss(model, x0, noise, t, r, embeds, pooled, DenseLossOptions(kl_weight=kl_weight), None,
+    loss, _ = micro_step_loss(SD3, model, x0, noise, t, r, {"prompt_embeds": embeds, "pooled": pooled},
+                              DenseLossOptions(kl_weight=kl_weight), None,
                               old_policy=policy)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in params]

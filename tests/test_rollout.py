@@ -178,19 +178,21 @@ def test_rollout_rejects_a_resolution_off_the_patch_grid(pipeline, embeds):
 
 def test_rollout_batch_broadcasts_the_empty_prompt_for_cfg(pipeline):
     """rollout_batch takes the empty prompt's batch-1 embeddings (any dtype) and broadcasts them for CFG."""
+    from u_nft.models.sd3 import FAMILY as SD3
     from u_nft.training import rollout_batch
 
     def encode(prompts):
-        return encode_prompts(pipeline, prompts, max_sequence_length=32)
+        return SD3.encode_prompts(pipeline, prompts, max_sequence_length=32)
 
-    negative = tuple(x.double() for x in negative_embeddings(pipeline, 1, max_sequence_length=32))
-    args = (pipeline, encode, [0, 1], PROMPTS[:2], [{}, {}], [3, 4], 64, sd3_sigmas(3), "flow", 0.0)
+    neg_embeds, neg_pooled = (x.double() for x in negative_embeddings(pipeline, 1, max_sequence_length=32))
+    negative = {"prompt_embeds": neg_embeds, "pooled": neg_pooled}
+    args = (SD3, pipeline, encode, [0, 1], PROMPTS[:2], [{}, {}], [3, 4], 64, sd3_sigmas(3), "flow", 0.0)
     guided = rollout_batch(*args, 4.5, None, negative, adapter=None)
-    embeds, pooled = encode(PROMPTS[:2])
-    expected = sample_latents(pipeline.transformer, embeds, pooled, initial_noise([3, 4], 16, 8, 8),
-                              sd3_sigmas(3), "flow", guidance_scale=4.5,
-                              negative_embeds=negative[0].float().expand(2, -1, -1),
-                              negative_pooled=negative[1].float().expand(2, -1))
+    cond = encode(PROMPTS[:2])
+    expected = sample_latents(pipeline.transformer, cond["prompt_embeds"], cond["pooled"],
+                              initial_noise([3, 4], 16, 8, 8), sd3_sigmas(3), "flow", guidance_scale=4.5,
+                              negative_embeds=neg_embeds.float().expand(2, -1, -1),
+                              negative_pooled=neg_pooled.float().expand(2, -1))
     torch.testing.assert_close(guided.latents, expected)
     plain = rollout_batch(*args, 1.0, None, None, adapter=None)
     assert (guided.latents - plain.latents).abs().max() > 1e-4

@@ -138,7 +138,9 @@ def test_checkpoint_lora_loads_in_diffusers_and_matches_our_adapter(two_epoch_ru
     assert (diffusers_out - base).abs().max() > 1e-6
 
     ours = load_sd3_pipeline(tiny_sd3_dir).transformer
-    add_lora_adapters(ours, rank=8, alpha=16, target_modules=list(tiny_config().lora.target_modules))
+    from u_nft.models.sd3 import FAMILY as SD3
+
+    add_lora_adapters(ours, rank=8, alpha=16, target_modules=list(SD3.lora_targets(tiny_config().lora.target_modules)))
     load_lora_state(ours, "default", read_lora_file(lora_dir))
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs)[0], diffusers_out, rtol=1e-5, atol=1e-5)
@@ -225,9 +227,9 @@ def test_scalar_mode_step_equals_handwritten_diffusion_nft(tiny_sd3_dir):
     from reward_maps.base import RewardOutput
     from u_nft.lora import OLD, adapters_disabled, add_lora_adapters, trainable_parameters, use_adapter
     from u_nft.loss import DenseLossOptions
-    from u_nft.rollout import encode_prompts
+    from u_nft.models.sd3 import FAMILY as SD3
     from u_nft.tiny_sd3 import load_sd3_pipeline
-    from u_nft.training import micro_step_loss, predict_velocity, raw_reward_grid, rewards_to_r
+    from u_nft.training import micro_step_loss, raw_reward_grid, rewards_to_r
 
     torch.manual_seed(0)
     pipe = load_sd3_pipeline(tiny_sd3_dir)
@@ -242,12 +244,12 @@ def test_scalar_mode_step_equals_handwritten_diffusion_nft(tiny_sd3_dir):
     outputs = {"score": RewardOutput(torch.rand(6, 64, 64), scores, [{}] * 6)}
     r = rewards_to_r(raw_reward_grid(outputs, {"score": 2.0}, (4, 4), scalar_mode=True), prompts,
                      "group", 5.0, "global", 1e-2, 1.0)
-    embeds, pooled = encode_prompts(pipe, prompts, 32, "cpu")
+    cond = SD3.encode_prompts(pipe, prompts, 32, "cpu")
     x0, noise = torch.randn(6, 16, 8, 8), torch.randn(6, 16, 8, 8)
     t = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.3, 0.1])
     options = DenseLossOptions(beta=0.5, kl_weight=0.1, cell_size=2)
 
-    loss, _ = micro_step_loss(transformer, x0, noise, t, r, embeds, pooled, options, None)
+    loss, _ = micro_step_loss(SD3, transformer, x0, noise, t, r, cond, options, None)
     loss.backward()
     ours = [p.grad.clone() for p in params]
     for p in params:
@@ -256,10 +258,10 @@ def test_scalar_mode_step_equals_handwritten_diffusion_nft(tiny_sd3_dir):
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
     with torch.no_grad():
         with use_adapter(transformer, OLD):
-            v_old = predict_velocity(transformer, x_t, t, embeds, pooled)
+            v_old = SD3.predict_velocity(transformer, x_t, t, cond)
         with adapters_disabled(transformer):
-            v_ref = predict_velocity(transformer, x_t, t, embeds, pooled)
-    v_theta = predict_velocity(transformer, x_t, t, embeds, pooled)
+            v_ref = SD3.predict_velocity(transformer, x_t, t, cond)
+    v_theta = SD3.predict_velocity(transformer, x_t, t, cond)
     r_upstream = torch.tensor(upstream_advantage_r(prompts, (2.0 * scores).numpy()), dtype=torch.float32)
     expected = upstream_scalar_loss(v_theta, v_old, v_ref, x0, noise, t, r_upstream, 0.5, 0.1, 5.0)
     expected.backward()

@@ -9,6 +9,8 @@ Layout of a run directory::
         rng.pt            python / numpy / torch (and CUDA) generator states, if given
         config.json       the run's config (``ConfigDict.to_json_best_effort``), if given
         <anything the lora_dirs callback writes, e.g. a diffusers LoRA folder>
+        sharded/          train.sharding="fsdp" only: torch.distributed.checkpoint files (every rank's shards of
+                          the LoRAs, EMA and optimizer; :func:`save_sharded_checkpoint`), checksummed like the rest
 
 Each checkpoint is first written to ``checkpoints/.tmp-checkpoint-<K>`` and then renamed, so a crash
 mid-write never leaves a folder that looks complete. Counters are read back from state.json, never
@@ -42,6 +44,7 @@ STATE_FILE = "state.json"
 RNG_FILE = "rng.pt"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
+SHARDED_DIR = "sharded"      # torch.distributed.checkpoint folder of a sharded (FSDP) training state
 _PREFIX = "checkpoint-"
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -88,6 +91,7 @@ class Checkpoint:
     rng: Any
     config: dict | None
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer damaged checkpoints passed over
+    sharded: Path | None = None  # the torch.distributed.checkpoint folder of a sharded save (read with load_sharded_state)
 
 
 # RNG ---------------------------------------------------------------------------------------------
@@ -171,21 +175,96 @@ def save_checkpoint(
     lora_dirs: called with the (temporary) checkpoint folder to add e.g. a diffusers LoRA subfolder.
     Call it from one process only; it also deletes ``.tmp-*`` leftovers of earlier crashed saves.
     """
+    _check_save_arguments(tensors, keep_last)
+    tmp = _begin_checkpoint(run_dir, state.global_step)
+    return _commit_checkpoint(run_dir, tmp, state, tensors, rng, config, keep_last, lora_dirs)
+
+
+def save_sharded_checkpoint(
+    run_dir: str | os.PathLike,
+    state: TrainState,
+    sharded_state: dict[str, Any],
+    tensors: dict[str, Any],
+    rng: Any = None,
+    config: Any = None,
+    keep_last: int | None = None,
+    lora_dirs: Callable[[Path], None] | None = None,
+) -> Path:
+    """``save_checkpoint`` with a sharded part; collective: every rank calls it with its own shards.
+
+    sharded_state: a nested state dict of DTensors (e.g. FSDP2 parameters and
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``), tensors and plain values,
+        written by every rank through ``torch.distributed.checkpoint.save`` into ``checkpoint-<K>/sharded/``
+        (one ``.distcp`` file per rank plus a ``.metadata`` file; the ranks must share the run folder's filesystem).
+    tensors, rng, config, keep_last, lora_dirs: as :func:`save_checkpoint`, written by the main rank only.
+    Atomic in the same way: everything goes to ``.tmp-checkpoint-<K>`` first; the main rank writes
+    state.json (with the size and sha256 of every shard file) last and renames the folder.
+    Returns the final path on every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from u_nft import distributed as dist
+
+    _check_save_arguments(tensors, keep_last)
+    if dist.is_main():
+        _begin_checkpoint(run_dir, state.global_step)
+    dist.barrier()
+    tmp = _tmp_folder(run_dir, state.global_step)
+    dcp.save(sharded_state, checkpoint_id=str(tmp / SHARDED_DIR))
+    dist.barrier()  # every rank's shard file is complete before the main rank checksums and renames
+    if dist.is_main():
+        _commit_checkpoint(run_dir, tmp, state, tensors, rng, config, keep_last, lora_dirs, sharded=True)
+    dist.barrier()
+    return Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(state.global_step)
+
+
+def load_sharded_state(checkpoint: "Checkpoint", sharded_state: dict[str, Any]) -> None:
+    """Fill ``sharded_state`` (the same nesting as saved; DTensors receive this rank's shards, in place)
+    from ``checkpoint``'s ``sharded/`` folder with ``torch.distributed.checkpoint.load``; collective.
+
+    The shards are re-split to the current world size and mesh (DCP reshards on load). Plain values
+    (ints, floats) are replaced in ``sharded_state``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if checkpoint.sharded is None:
+        raise ValueError(f"checkpoint {checkpoint.path} holds no sharded state (it was written with "
+                         f"train.sharding='ddp'); its tensors are {sorted(checkpoint.tensors)}")
+    dcp.load(sharded_state, checkpoint_id=str(checkpoint.sharded))
+
+
+def _check_save_arguments(tensors: dict[str, Any], keep_last: int | None) -> None:
     if keep_last is not None and int(keep_last) < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     for name in tensors:
-        if not _NAME_RE.match(name) or name in (Path(STATE_FILE).stem, Path(RNG_FILE).stem):
+        if not _NAME_RE.match(name) or name in (Path(STATE_FILE).stem, Path(RNG_FILE).stem, SHARDED_DIR):
             raise ValueError(
-                f"checkpoint tensor name {name!r} must match [A-Za-z0-9_.-]+ and not be 'state' or 'rng'"
+                f"checkpoint tensor name {name!r} must match [A-Za-z0-9_.-]+ and not be 'state', 'rng' "
+                f"or {SHARDED_DIR!r}"
             )
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(state.global_step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}"
+
+
+def _tmp_folder(run_dir: str | os.PathLike, global_step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}{checkpoint_name(global_step)}"
+
+
+def _begin_checkpoint(run_dir: str | os.PathLike, global_step: int) -> Path:
+    """Create an empty ``checkpoints/.tmp-checkpoint-<K>`` (replacing a crashed save's) and return it."""
+    tmp = _tmp_folder(run_dir, global_step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
 
+
+def _commit_checkpoint(run_dir: str | os.PathLike, tmp: Path, state: TrainState, tensors: dict[str, Any], rng: Any,
+                       config: Any, keep_last: int | None, lora_dirs: Callable[[Path], None] | None,
+                       sharded: bool = False) -> Path:
+    """Write the single-process files into ``tmp``, then state.json (checksums of everything in ``tmp``,
+    a sharded subfolder included) and rename ``tmp`` to ``checkpoint-<K>``; rotate; return the final path."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = root / checkpoint_name(state.global_step)
     for name, value in tensors.items():
         torch.save(value, tmp / f"{name}.pt")
     if rng is not None:
@@ -196,6 +275,8 @@ def save_checkpoint(
         lora_dirs(tmp)
     manifest = {"format_version": FORMAT_VERSION, "state": state.to_dict(), "tensors": sorted(tensors),
                 "rng": rng is not None, "files": _file_digests(tmp)}
+    if sharded:
+        manifest["sharded"] = SHARDED_DIR
     _write_json_synced(tmp / STATE_FILE, manifest)
 
     if final.exists():
@@ -378,7 +459,13 @@ def _load_folder(path: Path, map_location) -> Checkpoint:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointCorruptError(f"checkpoint file {config_file} is not valid JSON: {err}") from err
-    return Checkpoint(path=path, state=TrainState.from_dict(manifest["state"]), tensors=tensors, rng=rng, config=config)
+    sharded = None
+    if manifest.get("sharded"):
+        sharded = path / manifest["sharded"]
+        if not (sharded / ".metadata").is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: its sharded state {sharded} has no .metadata")
+    return Checkpoint(path=path, state=TrainState.from_dict(manifest["state"]), tensors=tensors, rng=rng, config=config,
+                      sharded=sharded)
 
 
 def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -8,6 +8,7 @@ import os
 from u_nft.ema import OLD_POLICY_DECAY_TYPES
 from u_nft.loss import DenseLossOptions
 from u_nft.normalization import SCALE_MODES
+from u_nft.sharding import FSDP_TEXT_ENCODER_CHOICES, SHARDING_CHOICES
 from u_nft.solvers import DETERMINISTIC_SOLVERS, SOLVERS
 
 VAE_SCALE = 8  # SD3's VAE downsamples by 8
@@ -103,8 +104,22 @@ def validate_config(config, world_size: int) -> Sizes:
         raise ConfigError(f"config.train.old_policy must be 'auto', 'adapter' or 'merged', got {t.old_policy!r}")
     if t.get("compile", "off") not in ("auto", "on", "off"):
         raise ConfigError(f"config.train.compile must be 'auto', 'on' or 'off', got {t.compile!r}")
+    sharding = t.get("sharding", "ddp")
+    if sharding not in SHARDING_CHOICES:
+        raise ConfigError(f"config.train.sharding must be one of {list(SHARDING_CHOICES)}, got {sharding!r}")
+    if t.get("fsdp_text_encoders", "auto") not in FSDP_TEXT_ENCODER_CHOICES:
+        raise ConfigError(f"config.train.fsdp_text_encoders must be one of {list(FSDP_TEXT_ENCODER_CHOICES)}, "
+                          f"got {t.fsdp_text_encoders!r}")
+    if sharding == "fsdp" and t.old_policy == "merged":
+        raise ConfigError("config.train.old_policy='merged' keeps an unsharded copy of the transformer and needs "
+                          "config.train.sharding='ddp'; with 'fsdp' use 'adapter' or 'auto' (docs/memory_plan.md)")
     if config.sample.solver not in SOLVERS:
         raise ConfigError(f"config.sample.solver must be one of {SOLVERS}, got {config.sample.solver!r}")
+    from u_nft.models import FAMILY_NAMES
+
+    if config.pretrained.build_tiny_if_missing and config.pretrained.tiny_family not in FAMILY_NAMES:
+        raise ConfigError(f"config.pretrained.tiny_family must be one of {sorted(FAMILY_NAMES)}, "
+                          f"got {config.pretrained.tiny_family!r}")
     if config.sample.solver in DETERMINISTIC_SOLVERS and config.sample.eta != 0:
         raise ConfigError(f"config.sample.solver={config.sample.solver!r} is deterministic: config.sample.eta must be 0, "
                           f"got {config.sample.eta!r} (use 'flow', 'ddim' or 'dance' for an SDE)")

@@ -122,17 +122,25 @@ def _pooled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_prompts(pipeline, encode, prompts: Sequence[str], metadata: Sequence[dict], rewards, *, seed: int,
-                     resolution: int, sigmas: torch.Tensor, solver: str, guidance_scale: float = 1.0,
+def evaluate_prompts(family, pipeline, encode, prompts: Sequence[str], metadata: Sequence[dict], rewards, *,
+                     seed: int, resolution: int, sigmas: torch.Tensor, solver: str, guidance_scale: float = 1.0,
                      negative=None, batch_size: int = 8, autocast_dtype=None, keep_images: int = 0,
                      eta: float = 0.0, on_batch=None, images_per_prompt: int = 1,
-                     mean_map_size: tuple[int, int] | None = None) -> EvalResult:
+                     mean_map_size: tuple[int, int] | None = None, guidance: float | None = None,
+                     lockstep: bool = False) -> EvalResult:
     """Generate with the transformer's active adapter(s) and score with ``rewards`` (a RewardSet).
+
+    ``family``: the model family (:func:`u_nft.models.family_for`); ``encode(prompts) -> Conditioning``;
+    ``negative``: the empty prompt's conditioning (batch 1) for CFG; ``guidance``: the distilled guidance
+    value (guidance-distilled families); sigmas (N + 1,): ``family.sigmas(...)``.
 
     Sample j = (prompt j // K, image j % K), K = ``images_per_prompt``, seed :func:`eval_seed`.
     Scoring of a batch (``rewards.submit``) overlaps the sampling of the next one.
     ``on_batch(indices, images, outputs)`` is called per local batch with the global sample indices,
     images (B, 3, H, W) and {name: RewardOutput} (e.g. to save images).
+    ``lockstep``: every rank runs the same number of sampling batches (the most any rank needs; a rank out
+    of samples samples a throwaway batch that is neither scored nor recorded), as sharded (FSDP) weights
+    need every rank in every forward.
     Collective: every rank calls it with the same arguments.
     """
     if images_per_prompt < 1:
@@ -167,13 +175,20 @@ def evaluate_prompts(pipeline, encode, prompts: Sequence[str], metadata: Sequenc
                 for n, o in outputs.items():
                     kept_maps.setdefault(n, []).append((j, o.maps[b].cpu()))
 
+    num_batches = math.ceil(len(local) / batch_size)
+    if lockstep:
+        num_batches = max(dist.all_gather_object(num_batches))
     pending = None  # (indices, images, future outputs) of the batch being scored
-    for start in range(0, len(local), batch_size):
+    for start in range(0, num_batches * batch_size, batch_size):
         indices = local[start:start + batch_size]
-        pairs = [divmod(j, k_per) for j in indices]
-        ro = rollout_batch(pipeline, encode, [i for i, _ in pairs], [prompts[i] for i, _ in pairs],
+        filler = not indices  # lockstep only: this rank's samples are done, the others' are not
+        pairs = [divmod(j, k_per) for j in (indices or local[:1] or [0])]
+        ro = rollout_batch(family, pipeline, encode, [i for i, _ in pairs], [prompts[i] for i, _ in pairs],
                            [metadata[i] for i, _ in pairs], [eval_seed(seed, i, k) for i, k in pairs], resolution,
-                           sigmas, solver, eta, guidance_scale, autocast_dtype, negative, adapter=None)
+                           sigmas, solver, eta, guidance_scale, autocast_dtype, negative, adapter=None,
+                           guidance=guidance)
+        if filler:
+            continue
         if pending is not None:
             finish(pending[0], pending[1], pending[2].result())
         if hasattr(rewards, "submit"):
@@ -355,7 +370,7 @@ def checkpoint_lora_dir(checkpoint_path: str | os.PathLike) -> Path:
         path = resolve_checkpoint(path)
     if not (path / "lora").is_dir():
         raise FileNotFoundError(
-            f"--checkpoint_path {checkpoint_path}: {path} has no lora/ folder (train_u_nft_sd3.py writes "
+            f"--checkpoint_path {checkpoint_path}: {path} has no lora/ folder (scripts/train_u_nft.py writes "
             "checkpoints/checkpoint-K/lora/); for a bare LoRA folder or file use --lora_hf_path"
         )
     return path / "lora"
@@ -368,7 +383,7 @@ def resolve_base_model(model: str = "", checkpoint_dir: str | os.PathLike | None
     """The base pipeline to evaluate and where that choice came from: ``(model, source)``.
 
     model: an explicit choice (``--model``), used as given. Otherwise a checkpoint written by
-    train_u_nft_sd3.py (``checkpoint_dir``: the checkpoint-K folder) names its base model in its
+    scripts/train_u_nft.py (``checkpoint_dir``: the checkpoint-K folder) names its base model in its
     config.json (``pretrained.model``), so a LoRA is evaluated on the model it was trained on. Without
     either (a bare LoRA, or an upstream checkpoint without config.json): DEFAULT_BASE_MODEL.
     Raises FileNotFoundError when the checkpoint's base model is a local path that no longer exists.
@@ -521,8 +536,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, ncols: int = 
 def save_result_figures(result: EvalResult, output_dir: str | os.PathLike, save_images: bool,
                         save_maps: bool, ncols: int = 4, cell: int = 256) -> list[str]:
     """Grids of the kept samples (``grid_images.png``, ``grid_<reward>.png`` = image | heatmap pairs) and
-    the mean map of each reward (``mean_map_<reward>.png``, ``cell`` px, nearest upsampling). Returns paths."""
-    from reward_maps.heatmap import colorize, save_grid
+    the mean map of each reward (``mean_map_<reward>.png``, ``cell`` px, nearest upsampling), each with a
+    colour bar: the scorer's declared range, else one range for the whole grid / map. Returns paths."""
+    from reward_maps.heatmap import save_grid, save_map_image
 
     root = Path(output_dir)
     written = []
@@ -532,11 +548,8 @@ def save_result_figures(result: EvalResult, output_dir: str | os.PathLike, save_
         if result.images is not None:
             for name, maps in result.maps.items():
                 written.append(save_grid(result.images, maps, root / f"grid_{_safe_name(name)}.png", ncols,
-                                         result.value_ranges.get(name)))
+                                         result.value_ranges.get(name), label=name))
         for name, mean_map in result.mean_maps.items():
-            rgb = F.interpolate(colorize(mean_map, result.value_ranges.get(name))[None], size=(cell, cell),
-                                mode="nearest")[0]
-            path = root / f"mean_map_{_safe_name(name)}.png"
-            to_pil_image(rgb).save(path)
-            written.append(str(path))
+            written.append(save_map_image(mean_map, root / f"mean_map_{_safe_name(name)}.png",
+                                          result.value_ranges.get(name), cell, label=f"mean {name}"))
     return written

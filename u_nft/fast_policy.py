@@ -6,8 +6,8 @@ Each training micro-step needs three velocities on the same inputs (docs/contrac
   v_theta = base + LoRA "default" (grad).
 Through peft every target linear of v_old pays two extra thin matmuls (x A^T, then B) and the adapter
 bookkeeping; and it shares the trained model, so a compiled graph must be re-guarded at each switch.
-:class:`MergedOldPolicy` instead holds the old policy as an ordinary ``SD3Transformer2DModel`` whose
-target linears carry the merged weight
+:class:`MergedOldPolicy` instead holds the old policy as an ordinary transformer of the same class (any family:
+``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ...) whose target linears carry the merged weight
 
     W_old = W + (alpha / r) · B_old A_old        W: (out, in), A_old: (r, in), B_old: (out, r)
 
@@ -171,7 +171,8 @@ class MergedOldPolicy:
     Call it like the transformer (``policy(hidden_states=..., encoder_hidden_states=...,
     pooled_projections=..., timestep=..., return_dict=False)``): it runs under ``torch.no_grad`` and,
     when its weights are half precision and the caller set no autocast, under autocast in its dtype.
-    It has ``config`` (the transformer's), so ``u_nft.rollout.sample_latents`` samples with it directly.
+    It has ``config`` (the transformer's), so a family's ``predict_velocity`` (keyword arguments only) and
+    ``u_nft.rollout.sample_conditioned`` use it in place of the transformer.
 
     ``compile=True`` whole-model compiles the copy (dynamo recompile limit raised to 64, docs/benchmarks.md)
     only when it lives on CUDA; ``self.compiled`` says whether it did.
@@ -239,6 +240,12 @@ class MergedOldPolicy:
             base = _base_name(name)
             if base is not None:
                 _set_tensor(module, base, place(b), is_parameter=False)
+        # Plain tensor attributes (neither parameter nor buffer, e.g. Qwen-Image's RoPE tables, kept out of the
+        # state dict on purpose) were built on the meta device too: share the source's.
+        for name, submodule in module.named_modules():
+            for attribute, value in list(vars(submodule).items()):
+                if isinstance(value, torch.Tensor) and value.is_meta:
+                    setattr(submodule, attribute, getattr(source.get_submodule(name), attribute))
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"merged old policy: {len(left)} tensors found no source tensor, e.g. {left[:3]} "

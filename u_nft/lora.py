@@ -252,8 +252,12 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_lora_diffusers(transformer: nn.Module, adapter: str, out_dir: str | os.PathLike) -> Path:
+def save_lora_diffusers(transformer: nn.Module, adapter: str, out_dir: str | os.PathLike,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``adapter`` as a diffusers LoRA that ``StableDiffusion3Pipeline.load_lora_weights(out_dir)`` reads.
+
+    ``state``: the adapter's tensors keyed like :func:`lora_state_dict` (e.g. the full tensors gathered
+    from an FSDP-sharded model, ``u_nft.sharding``); None reads them from the model.
 
     The peft config goes along as adapter metadata (``transformer_lora_adapter_metadata``); without it
     diffusers re-infers the config from the tensors and lora_alpha silently falls back to the rank.
@@ -267,7 +271,14 @@ def save_lora_diffusers(transformer: nn.Module, adapter: str, out_dir: str | os.
     model = unwrap(transformer)
     _require_adapter(model, adapter)
     # On the base model (not a PeftModel wrapper) so the keys carry no "base_model.model." prefix.
-    layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    if state is None:
+        state = get_peft_model_state_dict(model, adapter_name=adapter)
+    else:
+        expected = set(_adapter_params(model, adapter))
+        if set(state) != expected:
+            raise KeyError(f"LoRA state for {adapter!r} does not match the model's adapter keys: "
+                           f"{sorted(set(state) ^ expected)[:3]}")
+    layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     config = model.peft_config[adapter]
     out_dir = Path(out_dir)
     if "transformer_lora_adapter_metadata" in inspect.signature(StableDiffusion3Pipeline.save_lora_weights).parameters:

@@ -13,6 +13,8 @@ Per location u of the U grid (cells of ``cell_size`` x ``cell_size`` latent pixe
     l+(u) = mean_{c, pixels in u} (x0_hat+ - x0)^2 / w+        (likewise l- with x0_hat-)
     L_U   = adv_clip_max * mean_batch E_{U~p} [ r(U) l+(U) + (1 - r(U)) l-(U) ] / beta
             + kl_weight * mean_batch mean_{c,h,w} (v_theta - v_ref)^2
+            [+ neutral_anchor_weight * mean_batch E_{U~p} [ n(U) mean_{c, pixels in U} (v_theta - v_ref)^2 ],
+               n(U) = 1 - |2 r(U) - 1|: 1 on neutral cells (r = 1/2), 0 where r is 0 or 1; off by default]
 
 ``w`` is upstream's adaptive weight stopgrad(mean |x0_hat - x0|).clamp(min=1e-5), taken per sample
 (upstream, default), per location, or off (w = 1). With a constant map r(u) = r this is exactly
@@ -56,6 +58,10 @@ class DenseLossOptions:
                      "informative" (q ∝ p |r - 1/2|); mixed with p so that q > 0 wherever p > 0.
     proposal_mix:    lambda in q = (1 - lambda) q_focus + lambda p; bounds the weights p/q by 1/lambda.
     neutral_tol:     |r - 1/2| below this counts as a neutral cell in the diagnostics.
+    neutral_anchor_weight: lambda >= 0 of the optional neutral-cell anchor (default 0 = off, the loss is then
+                     exactly the contract's): a per-location KL-like pull of v_theta toward v_ref weighted by
+                     how neutral r is, n(U) = 1 - |2 r(U) - 1|. Contract point 4 pulls neutral cells toward
+                     v_old, which moves every epoch; this anchors them to the starting model. Needs v_ref.
     adv_mode:        upstream ``config.train.adv_mode``, applied per location (:func:`apply_adv_mode`):
                      "all" (default, r as given), "positive_only", "negative_only", "one_only", "binary".
     """
@@ -71,6 +77,7 @@ class DenseLossOptions:
     proposal_mix: float = 0.1
     neutral_tol: float = 1e-3
     adv_mode: Literal["all", "positive_only", "negative_only", "one_only", "binary"] = "all"
+    neutral_anchor_weight: float = 0.0
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -91,6 +98,13 @@ class DenseLossOptions:
             raise ValueError(f"train.proposal_mix must be in (0, 1], got {self.proposal_mix}")
         if self.adv_mode not in ADV_MODES:
             raise ValueError(f"train.adv_mode must be one of {ADV_MODES}, got {self.adv_mode!r}")
+        if not self.neutral_anchor_weight >= 0:
+            raise ValueError(f"train.neutral_anchor_weight must be >= 0 (0 = off), got {self.neutral_anchor_weight}")
+
+    @property
+    def needs_v_ref(self) -> bool:
+        """Whether the loss reads v_ref (the KL term or the neutral anchor is on)."""
+        return self.kl_weight > 0 or self.neutral_anchor_weight > 0
 
 
 def apply_adv_mode(r: torch.Tensor, mode: str, adv_clip_max: float) -> torch.Tensor:
@@ -303,6 +317,15 @@ def u_nft_loss(
     else:
         kl_loss = torch.zeros((), device=v_theta.device)
     loss = policy_loss + o.kl_weight * kl_loss
+    anchor_loss = torch.zeros((), device=v_theta.device)
+    if o.neutral_anchor_weight > 0:  # off: the loss above is untouched (bit-identical to the contract)
+        if v_ref is None:
+            raise ValueError("train.neutral_anchor_weight > 0 needs v_ref (the reference forward); "
+                             "the training loop computes it when options.needs_v_ref")
+        neutrality = (1.0 - (2.0 * r - 1.0).abs()).flatten(1)  # (B, n): 1 at r = 1/2
+        anchor_cells = per_location_mean((v_theta - v_ref.detach().float()).square(), o.cell_size).flatten(1)
+        anchor_loss = (p * neutrality * anchor_cells).sum(dim=1).mean()
+        loss = loss + o.neutral_anchor_weight * anchor_loss
 
     r_flat, p_diag = r.flatten(1), p
     if locations is not None:  # off the drawn cells r is only a neutral filler
@@ -313,6 +336,7 @@ def u_nft_loss(
         "positive_loss": positive_loss.detach(),
         "negative_loss": negative_loss.detach(),
         "kl_loss": kl_loss.detach(),
+        "anchor_loss": anchor_loss.detach(),
         "mean_r": (p_diag * r_flat).sum(dim=1).mean(),
         "neutral_fraction": (p_diag * ((r_flat - 0.5).abs() < o.neutral_tol).float()).sum(dim=1).mean(),
         "importance_weight_max": max_weight.detach(),

@@ -179,39 +179,67 @@ def make_decoder_transparent(vae) -> None:
 
 
 def quadrant_latents(batch: int, vae_config, generator: torch.Generator, side: int = 8,
-                     channels: int = 16) -> torch.Tensor:
-    """Synthetic SD3 latents (batch, channels, side, side): each quadrant of channels 0-2 a random value
-    in [-1.5, 1.5] (+ 0.05 noise), other channels ~0, expressed in the pipeline's latent normalisation
-    (the decoder sees z / scaling_factor + shift_factor)."""
+                     channels: int = 16, spread: float = 1.0) -> torch.Tensor:
+    """Synthetic latents (batch, channels, side, side): each quadrant of channels 0-2 a random value
+    in [-1.5, 1.5] (+ 0.05 noise), other channels ~0, all times ``spread``, expressed in the pipeline's
+    latent normalisation (the decoder sees z / scaling_factor + shift_factor). ``spread`` 1 for SD3; a VAE
+    with another scaling_factor passes 1.5305 / scaling_factor, so its latents z have SD3's magnitudes (the
+    transparent decoder's final GroupNorm makes the decoded colours independent of the spread)."""
     values = torch.rand(batch, 3, 2, 2, generator=generator) * 3 - 1.5
     decoder_input = torch.zeros(batch, channels, side, side)
     decoder_input[:, :3] = values.repeat_interleave(side // 2, dim=2).repeat_interleave(side // 2, dim=3)
     decoder_input += 0.05 * torch.randn(decoder_input.shape, generator=generator)
+    if spread != 1.0:
+        decoder_input = decoder_input * spread
     return (decoder_input - vae_config.shift_factor) * vae_config.scaling_factor
 
 
-def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: float = 1e-3) -> float:
-    """Flow matching (x_t = (1 - t) x0 + t eps, target eps - x0, t ~ logit-normal as SD3) of the whole
-    transformer on :func:`quadrant_latents`, prompts from a small fixed list. Returns the last loss."""
+PRETRAIN_PROMPTS = tuple(f"a picture of {thing}" for thing in (
+    "a cat", "a house", "a tree", "a car", "the sea", "a flower", "a city", "a road", "a lake", "a dog", "a boat",
+    "a hill", "a lamp", "a chair", "a cup", "a bird"))
+
+
+def _sd3_pretrain_encode(pipeline, prompts):
+    """SD3 conditioning for :func:`pretrain_on_quadrants`: (prompt_embeds, pooled), 32 T5 tokens."""
     from u_nft.rollout import encode_prompts
 
+    return encode_prompts(pipeline, prompts, max_sequence_length=32)
+
+
+def _sd3_pretrain_velocity(transformer, x_t, sigma, conditioning):
+    """SD3 velocity for :func:`pretrain_on_quadrants`: timestep sigma * 1000 (float), as diffusers."""
+    embeds, pooled = conditioning
+    return transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                       timestep=sigma * 1000, return_dict=False)[0]
+
+
+def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
+                          encode=None, velocity=None, spread: float = 1.0) -> float:
+    """Flow matching (x_t = (1 - t) x0 + t eps, target eps - x0, t ~ logit-normal as SD3) of the whole
+    transformer on :func:`quadrant_latents`, prompts from :data:`PRETRAIN_PROMPTS`. Returns the last loss.
+
+    The family's two calls are parameters, so every tiny pipeline pretrains through its own code path:
+    ``encode(pipeline, prompts) -> conditioning`` (no grad) and ``velocity(transformer, x_t, sigma,
+    conditioning) -> v`` with x_t (B, 16, 8, 8) spatial latents and sigma (B,) in [0, 1]. The defaults are
+    SD3's (the pipeline's ``encode_prompt`` with 32 T5 tokens; ``timestep = sigma * 1000``); FLUX's tiny
+    build passes :mod:`u_nft.models.flux`'s ``encode_prompts`` / ``predict_velocity`` (2x2 packing inside).
+    ``spread``: :func:`quadrant_latents`'s (1.5305 / the VAE's scaling_factor for a non-SD3 VAE).
+    """
+    encode = encode or _sd3_pretrain_encode
+    velocity = velocity or _sd3_pretrain_velocity
     transformer = pipeline.transformer
     generator = torch.Generator().manual_seed(seed)
-    prompts = [f"a picture of {thing}" for thing in ("a cat", "a house", "a tree", "a car", "the sea", "a flower",
-                                                      "a city", "a road", "a lake", "a dog", "a boat", "a hill",
-                                                      "a lamp", "a chair", "a cup", "a bird")]
     with torch.no_grad():
-        embeds, pooled = encode_prompts(pipeline, prompts[:batch], max_sequence_length=32)
+        conditioning = encode(pipeline, list(PRETRAIN_PROMPTS[:batch]))
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
     transformer.train()
     loss = torch.zeros(())
     for _ in range(steps):
-        x0 = quadrant_latents(batch, pipeline.vae.config, generator)
+        x0 = quadrant_latents(batch, pipeline.vae.config, generator, spread=spread)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(batch, generator=generator))
         t4 = t.view(-1, 1, 1, 1)
-        v = transformer(hidden_states=(1 - t4) * x0 + t4 * noise, encoder_hidden_states=embeds,
-                        pooled_projections=pooled, timestep=t * 1000, return_dict=False)[0]
+        v = velocity(transformer, (1 - t4) * x0 + t4 * noise, t, conditioning)
         loss = (v - (noise - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,7 +303,7 @@ def build_pipeline_directory(directory: str | os.PathLike, make_pipeline, marker
             overwrite = True  # our own build of an older format: rebuild it
         elif any(directory.iterdir()):
             raise FileExistsError(
-                f"{directory} exists, is not empty and holds no complete {kind} SD3 build "
+                f"{directory} exists, is not empty and holds no complete {kind} pipeline build "
                 f"(no {MARKER_NAME}); pass overwrite=True or choose another directory"
             )
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ from u_nft.normalization import (
     normalize_reward_maps,
     validate_map_range,
 )
-from u_nft.rollout import decode_latents, initial_noise, sample_latents, step_noise_generators
+from u_nft.models.base import Conditioning
+from u_nft.rollout import initial_noise, sample_conditioned, step_noise_generators
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,45 +68,42 @@ def sample_seeds(seed: int, epoch: int, sample_indices: Sequence[int]) -> list[i
 
 @dataclasses.dataclass
 class Rollout:
-    """One sampling batch of this rank. Latents (B, C, h, w); images (B, 3, H, W) in [0, 1]."""
+    """One sampling batch of this rank. cond: the family's conditioning (batch B); latents (B, C, h, w);
+    images (B, 3, H, W) in [0, 1]."""
 
     prompt_indices: list[int]
     prompts: list[str]
     metadata: list[dict]
-    prompt_embeds: torch.Tensor
-    pooled_embeds: torch.Tensor
+    cond: Conditioning
     latents: torch.Tensor
     images: torch.Tensor
 
 
 @torch.no_grad()
-def rollout_batch(pipeline, encode, prompt_indices: Sequence[int], prompts: Sequence[str], metadata: Sequence[dict],
-                  seeds: Sequence[int], resolution: int, sigmas: torch.Tensor, solver: str, eta: float,
-                  guidance_scale: float, autocast_dtype: torch.dtype | None, negative=None,
-                  adapter: str | None = OLD, old_policy=None) -> Rollout:
+def rollout_batch(family, pipeline, encode, prompt_indices: Sequence[int], prompts: Sequence[str],
+                  metadata: Sequence[dict], seeds: Sequence[int], resolution: int, sigmas: torch.Tensor, solver: str,
+                  eta: float, guidance_scale: float, autocast_dtype: torch.dtype | None,
+                  negative: Conditioning | None = None, adapter: str | None = OLD, old_policy=None,
+                  guidance: float | None = None) -> Rollout:
     """Sample clean latents with the ``adapter`` policy (the old one for training rollouts; None = as is),
-    or with ``old_policy`` (a merged copy) when given, and decode them.
-    ``encode(prompts) -> (embeds, pooled)``; ``negative``: the empty prompt's (embeds, pooled), batch 1,
-    for CFG."""
+    or with ``old_policy`` (a merged copy) when given, and decode them, for any model ``family``.
+    ``encode(prompts) -> Conditioning``; ``negative``: the empty prompt's conditioning, batch 1, for CFG;
+    ``guidance``: the distilled guidance value (guidance-distilled families). Noise (B, C, h, w) of
+    ``family.latent_shape`` from ``seeds``; the sampler's timesteps as upstream (``timestep_mode="long"``)."""
     transformer = pipeline.transformer
     device = pipeline.vae.device
-    embeds, pooled = encode(list(prompts))
-    factor = pipeline.vae_scale_factor
-    noise = initial_noise(seeds, transformer.config.in_channels, resolution // factor, resolution // factor,
-                          torch.float32, device)
+    cond = encode(list(prompts))
+    noise = initial_noise(seeds, *family.latent_shape(pipeline, resolution), torch.float32, device)
     generator = step_noise_generators(seeds) if eta > 0 else None
-    neg_embeds = neg_pooled = None
-    if negative is not None:  # the empty prompt's (1, ...) embeddings, broadcast to this batch
-        neg_embeds, neg_pooled = (x.to(embeds.dtype).expand(len(prompts), *x.shape[1:]) for x in negative)
     sampler_model = old_policy if old_policy is not None else transformer
     use_context = adapter is not None and old_policy is None
     context = use_adapter(transformer, adapter) if use_context else contextlib.nullcontext()
     with context, autocast_context(device, autocast_dtype):
-        latents = sample_latents(sampler_model, embeds, pooled, noise, sigmas, solver, guidance_scale,
-                                 neg_embeds, neg_pooled, eta, generator)
+        latents = sample_conditioned(family, sampler_model, cond, noise, sigmas, solver, guidance_scale, negative,
+                                     eta, generator, timestep_mode="long", guidance=guidance)
     latents = latents.float()
-    images = decode_latents(pipeline.vae, latents)
-    return Rollout(list(prompt_indices), list(prompts), list(metadata), embeds, pooled, latents, images)
+    images = family.decode(pipeline.vae, latents)
+    return Rollout(list(prompt_indices), list(prompts), list(metadata), cond, latents, images)
 
 
 # ---- rewards -> r ------------------------------------------------------------------------------
@@ -147,41 +145,41 @@ def timestep_permutations(batch_size: int, num_steps: int, num_train_timesteps: 
                         for _ in range(batch_size)])
 
 
-def predict_velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
-                     pooled: torch.Tensor) -> torch.Tensor:
-    """v prediction (B, C, h, w) of the currently active adapter; timestep fed as t * 1000 (float)."""
-    return transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                       timestep=t * 1000, return_dict=False)[0]
+def policy_predictions(family, transformer, x_t, t, cond: Conditioning, need_ref: bool, old_policy=None,
+                       guidance: float | None = None):
+    """(v_theta with grad, v_old, v_ref or None) from ``family.predict_velocity``: trained adapter; the old
+    policy (the "old" adapter, or ``old_policy``, a :class:`u_nft.fast_policy.MergedOldPolicy`); adapters
+    disabled. x_t (B, C, h, w), t (B,) noise levels in [0, 1], timestep as in training ("float")."""
+    def velocity(model):
+        return family.predict_velocity(model, x_t, t, cond, guidance=guidance, timestep_mode="float")
 
-
-def policy_predictions(transformer, x_t, t, prompt_embeds, pooled, need_ref: bool, old_policy=None):
-    """(v_theta with grad, v_old, v_ref or None): trained adapter; the old policy (the "old" adapter, or
-    ``old_policy``, a :class:`u_nft.fast_policy.MergedOldPolicy`); adapters disabled."""
     with torch.no_grad():
         if old_policy is not None:
-            v_old = predict_velocity(old_policy, x_t, t, prompt_embeds, pooled)
+            v_old = velocity(old_policy)
         else:
             with use_adapter(transformer, OLD):
-                v_old = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
+                v_old = velocity(transformer)
         v_ref = None
         if need_ref:
             with adapters_disabled(transformer):
-                v_ref = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
-    v_theta = predict_velocity(transformer, x_t, t, prompt_embeds, pooled)
+                v_ref = velocity(transformer)
+    v_theta = velocity(transformer)
     return v_theta, v_old, v_ref
 
 
-def micro_step_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-                    prompt_embeds: torch.Tensor, pooled: torch.Tensor, options: DenseLossOptions,
-                    autocast_dtype: torch.dtype | None, generator: torch.Generator | None = None,
-                    old_policy=None, locations: torch.Tensor | None = None):
+def micro_step_loss(family, transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                    cond: Conditioning, options: DenseLossOptions, autocast_dtype: torch.dtype | None,
+                    generator: torch.Generator | None = None, old_policy=None, locations: torch.Tensor | None = None,
+                    guidance: float | None = None):
     """Forward passes on x_t = (1 - t) x0 + t eps and the dense loss. Returns (loss, diagnostics).
+    x0, noise (B, C, h, w); t (B,); r (B, gh, gw); cond: the family's conditioning (batch B).
     ``locations``: (B, m) cells drawn before scoring (``u_nft.sampled_cells``), passed to the loss."""
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * noise
     with autocast_context(x0.device, autocast_dtype):
-        v_theta, v_old, v_ref = policy_predictions(transformer, x_t, t, prompt_embeds, pooled,
-                                                   need_ref=options.kl_weight > 0, old_policy=old_policy)
+        v_theta, v_old, v_ref = policy_predictions(family, transformer, x_t, t, cond,
+                                                   need_ref=options.needs_v_ref, old_policy=old_policy,
+                                                   guidance=guidance)
     return u_nft_loss(v_theta, v_old, x0, t, r, options, x_t=x_t, v_ref=v_ref, generator=generator,
                       locations=locations)
 
