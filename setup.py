@@ -32,7 +32,7 @@ setup(
         "ocr": ["rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10", "Levenshtein>=0.21"],
         # transformers 4.x's Mask2Former (the GenEval detector) needs scipy at construction
         "geneval": ["scipy>=1.10"],
-        "test": ["pytest>=8", "hypothesis>=6", "rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10", "Levenshtein>=0.21",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "rapidocr-onnxruntime>=1.4", "pytesseract>=0.3.10", "Levenshtein>=0.21",
                  "scipy>=1.10"],
     },
 )

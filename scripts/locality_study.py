@@ -428,6 +428,7 @@ def kernel_locality(objective="centre", num_images=8, seed=0, epsilon=1e-3):
                 (tuple(config.lora.target_modules) or experiments.ATTENTION_TARGETS)  # () = SD3's default
             rank = int(overrides.get("lora.rank", config.lora.rank))
             alpha = float(overrides.get("lora.alpha", config.lora.alpha))
+            torch.manual_seed(seed)  # LoRA A's random init: the same for every call
             add_lora_adapters(transformer, rank, alpha, list(targets), config.lora.init)
             params = [p for n, p in transformer.named_parameters() if "lora_B" in n and ".default" in n]
         else:
@@ -868,14 +869,14 @@ def write_report(args, arms, summary, stages, paths):
                   "A gradient step moves v by the neural tangent kernel applied to the demand, so this is the locality "
                   "of the first-order change ANY loss that rewards only the inside can make.", "",
                   "| objective | parametrization | trainable parameters | Δv out / in after one step |", "|---|---|---|---|"]
-        for path in kernels:
-            data = json.loads(path.read_text(encoding="utf-8"))
+        for kernel_file in kernels:
+            data = json.loads(kernel_file.read_text(encoding="utf-8"))
             for row in data["rows"]:
                 lines.append(f"| {data['objective']} | {row['parametrization']} | {row['trainable']:,} | "
                              f"{row['ratio']:.2f} |")
         lines += ["", "Reproduce: " + ", ".join(f"`python scripts/locality_study.py --kernel "
-                                                  f"{json.loads(p.read_text(encoding='utf-8'))['objective']}`"
-                                                  for p in kernels) + ".", ""]
+                                                  f"{json.loads(k.read_text(encoding='utf-8'))['objective']}`"
+                                                  for k in kernels) + ".", ""]
     lines += ["## Reproduce", "",
               "Each stage (runs are reused when finished): `python scripts/locality_study.py --stage main` "
               "(then `--stage levers`, `--stage ablations`; `--stage report` re-tabulates). One run and its probe, e.g.:", "",
@@ -888,16 +889,27 @@ def write_report(args, arms, summary, stages, paths):
               f"{platform.node() or 'unknown'}, {platform.machine()}, {os.cpu_count()} CPU cores visible, torch "
               f"{torch.__version__}, {args.jobs} runs at once with 1 thread each under `nice -n {args.nice}`; "
               f"report {datetime.date.today().isoformat()}.", "",
-              "| stage | runs | seeds | wall time | mean s per run (train + probe) | mean 1-min load average during the runs |",
-              "|---|---|---|---|---|---|"]
-    for stage, info in stages.items():
-        keys = [k for k in summary if isinstance(k, tuple) and k in {tuple(a) for a in stage_arms(info["stage"])}]
-        per_run = [summary[k]["run_seconds"] for k in keys if math.isfinite(summary[k]["run_seconds"])]
-        loads = [summary[k]["load_average"] for k in keys if math.isfinite(summary[k]["load_average"])]
-        lines.append(f"| {stage} | {info['runs']} | {len(info['seeds'])} | {info['wall_seconds'] / 60:.1f} min | "
-                     f"{(sum(per_run) / len(per_run)) if per_run else float('nan'):.0f} | "
-                     f"{(sum(loads) / len(loads)) if loads else float('nan'):.1f} (of {info['cpus']} cores) |")
-    lines.append("")
+              "Per stage, from each run's own wall time (train + probe, `wall.json`) and the 1-minute load average at "
+              f"its start and end: the machine was shared, so runs under a load near {args.jobs} (just these runs) "
+              "show the uncontended cost.", "",
+              "| stage | finished runs | sum of run times | ≈ wall at 2 at once | s per run: median [min, max] | "
+              "s per run at load ≤ 3 (runs) | mean load |", "|---|---|---|---|---|---|---|"]
+    for stage in ("main", "levers", "levers_more", "ablations"):
+        arms_of_stage = {tuple(a) for a in stage_arms(stage)}
+        walls = [r["wall"] for key, seeds in arms.items() if key in arms_of_stage for r in seeds.values() if r["wall"]]
+        if not walls:
+            continue
+        seconds = sorted(sum(w["seconds"].values()) for w in walls)
+        loads = [sum(w["load_average_1min"].values()) / 2 for w in walls]
+        quiet = [sum(w["seconds"].values()) for w, load in zip(walls, loads) if load <= 3]
+        lines.append(f"| {stage} | {len(walls)} | {sum(seconds) / 60:.1f} min | {sum(seconds) / 60 / args.jobs:.1f} min | "
+                     f"{seconds[len(seconds) // 2]:.0f} [{seconds[0]:.0f}, {seconds[-1]:.0f}] | "
+                     + (f"{sum(quiet) / len(quiet):.0f} ({len(quiet)})" if quiet else "–")
+                     + f" | {sum(loads) / len(loads):.1f} |")
+    lines += ["", "Invocations (wall time of each `--stage` call; finished runs are reused, so a later call with more "
+              "seeds only trains the new ones): " + "; ".join(f"`{label}` {info['wall_seconds'] / 60:.1f} min "
+                                                             f"({info['runs']} runs)" for label, info in stages.items())
+              + ".", ""]
     path.write_text("\n".join(lines) + ("\n" + notes if notes else ""), encoding="utf-8")
     return path
 

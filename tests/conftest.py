@@ -1,4 +1,5 @@
-"""Shared pytest setup: the `slow` marker, CPU threads, and the tiny SD3 pipeline built once per session."""
+"""Shared pytest setup: the `slow` marker, CPU threads, xdist workers, and the tiny pipelines built once per session
+(per xdist worker)."""
 import os
 from pathlib import Path
 
@@ -12,6 +13,16 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ.get("U_NFT_TEST_THREADS", "1")))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pytest.ini): one worker per usable CPU, at most 4 (each builds its own tiny pipelines
+    and the 2-rank tests start two more processes); U_NFT_TEST_WORKERS overrides it (1 = in-process order)."""
+    if "U_NFT_TEST_WORKERS" in os.environ:
+        return int(os.environ["U_NFT_TEST_WORKERS"])
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, 4))
 
 
 def _tiny_build(tmp_path_factory, env_var: str, text_encoder_3: bool) -> Path:

@@ -12,7 +12,7 @@ import torch
 
 from test_train_e2e import assert_identical, checkpoint_tensors, run_script, small_run_args
 
-# four 2-rank launches: ~110 s of CPU time (215 s wall on the shared 2-core machine, ~55 s per launch)
+# four 2-rank launches: 90 s wall on a 2-core machine (215 s when other jobs share it)
 pytestmark = pytest.mark.slow
 
 # DDP all-reduces, FSDP reduce-scatters: fp32 sums in another order, and the next epoch's rollouts come from
