@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from u_nft.study_stats import parse_seeds
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train_u_nft_sd3.py"
 EXPERIMENTS_FILE = REPO_ROOT / "config" / "experiments.py"
@@ -107,7 +109,7 @@ def parse_args(argv=None):
                                experiments.OBJECTIVES)
     args.methods = _choices("method", args.methods or ("dense,scalar" if quick else ",".join(experiments.METHODS)),
                             experiments.METHODS)
-    args.seeds = _seeds(args.seeds or ("1" if quick else "3"))
+    args.seeds = parse_seeds(args.seeds or ("1" if quick else "3"))
     args.epochs = args.epochs or (2 if quick else 10)
     if args.epochs < 1 or args.jobs < 1 or not 0 < args.fraction <= 1:
         parser.error(f"--epochs {args.epochs} and --jobs {args.jobs} must be >= 1, --fraction {args.fraction} in (0, 1]")
@@ -127,18 +129,6 @@ def _choices(kind, text, known):
     if unknown or not names:
         raise SystemExit(f"--{kind}s {text!r}: unknown {unknown}; defined in config/experiments.py: {', '.join(known)}")
     return names
-
-
-def _seeds(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--seeds {text!r}: give a count N or comma-separated integers") from None
-    if len(values) == 1:
-        if values[0] < 1:
-            raise SystemExit(f"--seeds {text!r}: a count must be >= 1")
-        return list(range(values[0]))
-    return values
 
 
 def run_name(objective, method, seed):

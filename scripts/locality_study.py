@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from u_nft.study_stats import parse_seeds
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train_u_nft_sd3.py"
 EXPERIMENTS_FILE = REPO_ROOT / "config" / "experiments.py"
@@ -130,20 +132,8 @@ def parse_args(argv=None):
         parser.error("--epochs, --jobs and --probe_images must be >= 1")
     if args.stage != "report":
         stage_arms(args.stage)  # validates the name
-    args.seeds = _seeds(args.seeds or str(STAGE_SEEDS.get(args.stage, 5)))
+    args.seeds = parse_seeds(args.seeds or str(STAGE_SEEDS.get(args.stage, 5)))
     return args
-
-
-def _seeds(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--seeds {text!r}: give a count N or comma-separated integers") from None
-    if len(values) == 1:
-        if values[0] < 1:
-            raise SystemExit(f"--seeds {text!r}: a count must be >= 1")
-        return list(range(values[0]))
-    return values
 
 
 def quick_overrides(args):
@@ -281,8 +271,8 @@ def measure_run(run_dir, probe_images=2, max_probe_prompts=0):
     from u_nft.checkpoint import list_checkpoints
     from u_nft.data import load_prompts
     from u_nft.lora import TRAINABLE, adapters_disabled, add_lora_adapters, load_lora_state, read_lora_file, use_adapter
-    from u_nft.solvers import sample, sd3_sigmas, transformer_timestep
-    from u_nft.tiny_sd3 import load_sd3_pipeline
+    from u_nft.models import family_for
+    from u_nft.solvers import sample
 
     torch.set_num_threads(1)
     run_dir = Path(run_dir)
@@ -292,7 +282,8 @@ def measure_run(run_dir, probe_images=2, max_probe_prompts=0):
     config = json.loads((checkpoints[-1] / "config.json").read_text(encoding="utf-8"))
     states = [json.loads((c / "state.json").read_text(encoding="utf-8")) for c in checkpoints]
     epochs_trained = [s["state"]["epoch"] if "state" in s else s["epoch"] for s in states]
-    pipeline = load_sd3_pipeline(config["pretrained"]["model"], dtype=torch.float32, device="cpu")
+    family = family_for(config["pretrained"]["model"])  # any family: the probe goes through its adapter
+    pipeline = family.load_pipeline(config["pretrained"]["model"], dtype=torch.float32, device="cpu")
     transformer = pipeline.transformer
     lora = config["lora"]
     add_lora_adapters(transformer, lora["rank"], lora["alpha"], list(lora["target_modules"]), lora["init"])
@@ -306,25 +297,21 @@ def measure_run(run_dir, probe_images=2, max_probe_prompts=0):
     seeds = [1_000_003 * (i + 1) + 17 for i in range(len(prompts))]  # fixed: the same noise for every run
     sample_cfg = config["sample"]
     resolution = sample_cfg["resolution"]
-    factor = pipeline.vae_scale_factor
-    noise = _probe_noise(seeds, transformer.config.in_channels, resolution // factor)
+    channels, size, _ = family.latent_shape(pipeline, resolution)
+    noise = _probe_noise(seeds, channels, size)
     # Local contrast over one transformer token's pixels (2 x 2 latent cells): the tiny VAE decodes each latent
     # cell to a nearly flat block, so smaller windows see no texture at all.
-    contrast_window = 2 * factor
-    embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",
-                                                  do_classifier_free_guidance=False,
-                                                  max_sequence_length=sample_cfg["max_sequence_length"])
-    sigmas = sd3_sigmas(sample_cfg["num_steps"])
+    contrast_window = 2 * (resolution // size)
+    cond = family.encode_prompts(pipeline, prompts, sample_cfg["max_sequence_length"], "cpu")
+    sigmas = family.sigmas(pipeline, sample_cfg["num_steps"], resolution)
+    guidance = sample_cfg.get("distilled_guidance")
 
-    def velocity(x, sigma):
-        timestep = transformer_timestep(sigma, x.shape[0], "long", x.device)
-        return transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                           timestep=timestep, return_dict=False)[0]
+    def velocity(x, sigma):  # the rollouts' call: the sampler's ("long") timesteps, as the train script
+        sigma_b = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[:1].expand(x.shape[0])
+        return family.predict_velocity(transformer, x, sigma_b, cond, guidance=guidance, timestep_mode="long")
 
     def decode(latents):
-        vae = pipeline.vae
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        return family.decode(pipeline.vae, latents)
 
     def run_sampler(v):
         return sample(v, noise, sigmas, sample_cfg["solver"])
@@ -411,16 +398,17 @@ def kernel_locality(objective="centre", num_images=8, seed=0, epsilon=1e-3):
     from u_nft import drift
     from u_nft.data import load_prompts
     from u_nft.lora import add_lora_adapters
-    from u_nft.solvers import sample, sd3_sigmas, transformer_timestep
-    from u_nft.tiny_sd3 import build_tiny_sd3_pipeline, load_sd3_pipeline
+    from u_nft.models import cat_conditioning, family_for, family_named
+    from u_nft.solvers import sample
 
     torch.set_num_threads(1)
     experiments = load_experiments()
     config = experiments.experiment(objective, "dense")
-    build_tiny_sd3_pipeline(config.pretrained.model)
+    family_named(config.pretrained.tiny_family).build_tiny(config.pretrained.model)
+    family = family_for(config.pretrained.model)
     out = {"objective": objective, "num_images": num_images, "epsilon": epsilon, "rows": []}
     for label, variant in KERNEL_PARAMETRIZATIONS.items():
-        pipeline = load_sd3_pipeline(config.pretrained.model, dtype=torch.float32, device="cpu")
+        pipeline = family.load_pipeline(config.pretrained.model, dtype=torch.float32, device="cpu")
         transformer = pipeline.transformer
         if variant is not None:
             overrides = dict(item.split("=", 1) for item in experiments.VARIANTS[variant])
@@ -438,33 +426,30 @@ def kernel_locality(objective="centre", num_images=8, seed=0, epsilon=1e-3):
         prompts, metadata = load_prompts(config.dataset.test)
         prompts = (prompts * num_images)[:num_images]
         metadata = (metadata * num_images)[:num_images]
-        embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",
-                                                      do_classifier_free_guidance=False,
-                                                      max_sequence_length=config.sample.max_sequence_length)
-        size = config.sample.resolution // pipeline.vae_scale_factor
-        noise = _probe_noise([1_000_003 * (i + 1) + 17 for i in range(num_images)], transformer.config.in_channels, size)
+        cond = family.encode_prompts(pipeline, prompts, config.sample.max_sequence_length, "cpu")
+        channels, size, _ = family.latent_shape(pipeline, config.sample.resolution)
+        noise = _probe_noise([1_000_003 * (i + 1) + 17 for i in range(num_images)], channels, size)
+        guidance = config.sample.distilled_guidance
+        sigmas = family.sigmas(pipeline, config.sample.num_steps, config.sample.resolution)
 
-        def velocity(x, sigma):
-            timestep = transformer_timestep(sigma, x.shape[0], "long", x.device)
-            return transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                               timestep=timestep, return_dict=False)[0]
+        def velocity(x, sigma):  # the rollouts' call (the sampler's "long" timesteps)
+            sigma_b = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[:1].expand(x.shape[0])
+            return family.predict_velocity(transformer, x, sigma_b, cond, guidance=guidance, timestep_mode="long")
 
         with torch.no_grad():
             _, states = drift.record_trajectory(
-                lambda v: sample(v, noise, sd3_sigmas(config.sample.num_steps), config.sample.solver), velocity)
+                lambda v: sample(v, noise, sigmas, config.sample.solver), velocity)
         x_t = torch.cat([x for x, _ in states])
         sigma = torch.cat([s.reshape(1).expand(num_images) for _, s in states])
-        embeds, pooled = embeds.repeat(len(states), 1, 1), pooled.repeat(len(states), 1)
+        states_cond = cat_conditioning([cond] * len(states))
 
-        def field():
-            timestep = sigma * 1000
-            return transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
-                               timestep=timestep, return_dict=False)[0]
+        def field():  # training's call (float timesteps) at every recorded state
+            return family.predict_velocity(transformer, x_t, sigma, states_cond, guidance=guidance)
 
         inside = drift.rewarded_mask(metadata * len(states), config.sample.resolution, config.sample.resolution,
                                      config.reward_options.region_color_map.regions)
         cells = drift.pool_mask(inside, (size, size))
-        direction = torch.randn(transformer.config.in_channels, generator=torch.Generator().manual_seed(seed))
+        direction = torch.randn(channels, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             before = field()
         demand = (field() * direction.view(1, -1, 1, 1) * cells.unsqueeze(1)).sum()

@@ -28,7 +28,7 @@ from u_nft import distributed as dist
 from u_nft.checkpoint import TrainState, config_differences, load_checkpoint, restore_rng, rng_restore_note
 from u_nft.config_utils import loss_options, validate_config
 from u_nft.data import KRepeatSampler, load_prompts
-from u_nft.ema import EMA
+from u_nft.ema import EMA, ema_weights
 from u_nft.epoch import (OptimizerStep, Sampling, TrainBatch, epoch_metrics, normalize_epoch, reward_diagnostics,
                          sample_epoch, score_epoch, train_epoch, update_old_policy)
 from u_nft.evaluation import evaluate_prompts, summarize_scores
@@ -115,22 +115,6 @@ def restore(config, strategy, trained):
     if dist.is_main():
         print(f"resumed from {ckpt.path} at epoch {ckpt.state.epoch}, step {ckpt.state.global_step}", flush=True)
     return ckpt.state
-
-
-class ema_weights:
-    """Context: the EMA weights swapped into the trainable LoRA (no-op without EMA)."""
-
-    def __init__(self, ema, params):
-        self.ema, self.params = ema, params
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.params)
 
 
 def samplings(config, family, pipeline, device, base_dtype, autocast_dtype):
@@ -236,7 +220,8 @@ def train(config, open_pools):
     ema = EMA(params) if config.train.ema else None
     trained = TrainedLoRA(transformer, optimizer, scaler, ema, params)
     step = OptimizerStep(optimizer, scaler, params, config.train.max_grad_norm, sizes.accumulation_steps,
-                         reduce_gradients=strategy.reduce_gradients, ema=ema)
+                         reduce_gradients=strategy.reduce_gradients, ema=ema,
+                         clip_grad_norm=strategy.clip_grad_norm)
     # Rollout noise, timesteps and shuffles use their own seeded generators; the global RNGs differ per
     # rank only for whatever else draws from them.
     random.seed(config.seed + dist.rank())

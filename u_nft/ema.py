@@ -107,3 +107,20 @@ class EMA:
         self.shadow = [s.detach().to(device=device, dtype=torch.float32).clone() for s in shadow]
         self.num_updates = int(state["num_updates"])
         self.max_decay = float(state["max_decay"])
+
+
+class ema_weights:
+    """Context: the EMA weights swapped into the trainable parameters ``params`` (EMA.store / copy_to on
+    entry, a bit-exact restore on exit); a no-op when ``ema`` is None (no EMA)."""
+
+    def __init__(self, ema: "EMA | None", params):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.params)

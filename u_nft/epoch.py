@@ -161,7 +161,8 @@ class TrainBatch:
 class OptimizerStep:
     """One optimizer step after ``accumulation_steps`` backward passes: reduce the gradients over ranks
     (``reduce_gradients(params)``, e.g. :func:`u_nft.distributed.average_gradients`: the one place that
-    decides how ranks share gradients), unscale, clip to ``max_grad_norm``, AdamW, EMA."""
+    decides how ranks share gradients), unscale, clip to ``max_grad_norm`` (``clip_grad_norm(params,
+    max_norm) -> pre-clip total norm``; a sharding strategy's for sharded gradients), AdamW, EMA."""
 
     optimizer: torch.optim.Optimizer
     scaler: Any
@@ -170,14 +171,13 @@ class OptimizerStep:
     accumulation_steps: int
     reduce_gradients: Callable[[list], None]
     ema: Any = None
+    clip_grad_norm: Callable[[list, float], torch.Tensor] = torch.nn.utils.clip_grad_norm_
 
     def __call__(self) -> torch.Tensor:
         """Step and return the (pre-clip) gradient norm."""
         self.reduce_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP-sharded gradients: the global norm as a replicated DTensor
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.clip_grad_norm(self.params, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

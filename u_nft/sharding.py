@@ -46,6 +46,7 @@ from torch import nn
 from u_nft import distributed as dist
 from u_nft.checkpoint import (CHECKPOINTS_DIR, Checkpoint, TrainState, capture_rng, checkpoint_name,
                               load_sharded_state, save_checkpoint, save_sharded_checkpoint)
+from u_nft.ema import ema_weights
 from u_nft.lora import OLD, TRAINABLE, _adapter_params, load_lora_state, lora_state_dict, save_lora_diffusers
 
 SHARDING_CHOICES = ("ddp", "fsdp")
@@ -69,22 +70,6 @@ class TrainedLoRA:
     scaler: Any
     ema: Any
     params: list[nn.Parameter]
-
-
-class ema_swapped:
-    """Context: the EMA weights in the trainable LoRA (bit-exact restore on exit; no-op without EMA)."""
-
-    def __init__(self, ema, params):
-        self.ema, self.params = ema, params
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.params)
 
 
 def _num_params(module: nn.Module) -> int:
@@ -171,7 +156,7 @@ class ShardingStrategy(abc.ABC):
         diffusers LoRA in its ``lora/`` subfolder; collective. Returns the folder."""
         self.check_in_sync(trained.params)
         rngs = dist.all_gather_object(capture_rng())
-        with ema_swapped(trained.ema, trained.params):  # the export is the EMA weights (what evaluation uses)
+        with ema_weights(trained.ema, trained.params):  # the export is the EMA weights (what evaluation uses)
             export = self.full_lora_state(trained.transformer, TRAINABLE)
 
         def write_lora(folder: Path) -> None:

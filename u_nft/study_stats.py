@@ -17,7 +17,7 @@ import math
 from typing import Sequence
 
 __all__ = ["Interval", "mean_interval", "student_t_cdf", "student_t_quantile", "paired_t_test",
-           "sign_flip_test", "first_crossing", "crossing_summary"]
+           "sign_flip_test", "first_crossing", "crossing_summary", "parse_seeds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,3 +196,17 @@ def crossing_summary(curves: Sequence[Sequence[float]], threshold: float) -> dic
     return {"per_seed": per_seed, "reached": len(reached), "median": median,
             "min": reached[0] if reached else None, "max": reached[-1] if reached else None,
             "censored_mean": sum(censored) / len(censored) if censored else None}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """A studies' ``--seeds`` value: a count N (seeds 0..N-1) or comma-separated seeds ("0,3,7").
+    SystemExit naming the flag on anything else."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: give a count N or comma-separated integers") from None
+    if len(values) == 1:
+        if values[0] < 1:
+            raise SystemExit(f"--seeds {text!r}: a count must be >= 1 (one count N means seeds 0..N-1)")
+        return list(range(values[0]))
+    return values

@@ -29,7 +29,7 @@ import torch
 
 from u_nft.tiny_sd3 import VAE_SCALING_FACTOR as SD3_VAE_SCALING_FACTOR
 from u_nft.tiny_sd3 import (build_pipeline_directory, make_decoder_transparent, matches_build, offline_tokenizers,
-                            pretrain_on_quadrants, t5_encoder_config)
+                            pretrain_on_quadrants, t5_encoder_config, tiny_autoencoder_kl)
 from u_nft.tiny_models import tiny_clip_text_config
 
 KIND = "tiny_flux"
@@ -46,7 +46,7 @@ __all__ = ["build_tiny_flux_pipeline", "tiny_flux_components", "matches_tiny_flu
 
 def tiny_flux_components(seed: int) -> dict:
     """Every ``FluxPipeline`` component at toy size, weights drawn from ``seed`` (global RNG untouched)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
     tokenizers = offline_tokenizers(t5=True)
@@ -70,21 +70,7 @@ def tiny_flux_components(seed: int) -> dict:
             guidance_embeds=True,
             axes_dims_rope=(4, 6, 6),
         ).eval()
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=16,
-            sample_size=256,
-            scaling_factor=VAE_SCALING_FACTOR,
-            shift_factor=VAE_SHIFT_FACTOR,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+        vae = tiny_autoencoder_kl(VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from u_nft.tiny_sd3 import build_pipeline_directory, matches_build
+from u_nft.tiny_sd3 import pretrain_on_quadrants as shared_pretrain_on_quadrants
 
 KIND = "tiny_qwen_image"  # the build marker's kind (u_nft.tiny_sd3.build_pipeline_directory)
 BUILD_VERSION = 1  # bump when the built weights change: the conftest fixture then builds a fresh one
@@ -281,35 +282,18 @@ def quadrant_latents(batch: int, generator: torch.Generator, side: int = 8, chan
     return latents + 0.05 * torch.randn(latents.shape, generator=generator)
 
 
-PRETRAIN_PROMPTS = tuple(f"a picture of {thing}" for thing in (
-    "a cat", "a house", "a tree", "a car", "the sea", "a flower", "a city", "a road", "a lake", "a dog", "a boat",
-    "a hill", "a lamp", "a chair", "a cup", "a bird"))
-
-
 def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: float = 1e-3) -> float:
-    """Flow matching (x_t = (1 - t) x0 + t eps, target eps - x0, t ~ logit-normal) of the whole transformer
-    on :func:`quadrant_latents`, through the family adapter's prompt encoding and velocity call. Returns the
-    last loss."""
+    """:func:`u_nft.tiny_sd3.pretrain_on_quadrants` (flow matching of the whole transformer, logit-normal t)
+    on this module's :func:`quadrant_latents`, through the Qwen-Image adapter's prompt encoding (32 tokens)
+    and velocity call. Returns the last loss."""
     from u_nft.models.qwen_image import encode_prompts, predict_velocity
 
-    transformer = pipeline.transformer
-    generator = torch.Generator().manual_seed(seed)
-    cond = encode_prompts(pipeline, list(PRETRAIN_PROMPTS[:batch]), max_sequence_length=32)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    transformer.train()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        x0 = quadrant_latents(batch, generator, channels=pipeline.vae.config.z_dim)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(batch, generator=generator))
-        t4 = t.view(-1, 1, 1, 1)
-        v = predict_velocity(transformer, (1 - t4) * x0 + t4 * noise, t, cond)
-        loss = (v - (noise - x0)).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    transformer.eval().requires_grad_(False)
-    return float(loss.detach())
+    channels = pipeline.vae.config.z_dim
+    return shared_pretrain_on_quadrants(
+        pipeline, steps, seed, batch, lr,
+        encode=lambda pipe, prompts: encode_prompts(pipe, prompts, max_sequence_length=32),
+        velocity=predict_velocity,
+        latents=lambda n, generator: quadrant_latents(n, generator, channels=channels))
 
 
 # ---- build -------------------------------------------------------------------------------------------

@@ -54,6 +54,28 @@ HUB_ID = re.compile(  # "owner/name" on a model hub
     r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def tiny_autoencoder_kl(scaling_factor: float, shift_factor: float):
+    """A tiny 16-channel ``AutoencoderKL`` (x8 downsampling: 4 blocks of widths 8-16, no quant convs), the
+    SD3 / FLUX latent layout, with the family's latent normalisation ``z = (x - shift) * scaling``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        sample_size=256,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
 def t5_encoder_config(vocab_size: int, d_model: int, d_ff: int, num_heads: int, d_kv: int, num_layers: int):
     """A ``T5Config`` for ``T5EncoderModel`` in T5 v1.1's form (gated GELU, untied embeddings, relative
     position buckets 32 / distance 128, pad 0, eos 1), as SD3's T5-XXL; sizes as given."""
@@ -83,7 +105,7 @@ def offline_tokenizers(t5: bool) -> dict:
 
 def _tiny_components(seed: int, text_encoder_3: bool = True) -> dict:
     """Instantiate every pipeline component with weights drawn from ``seed`` (global RNG untouched)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     tokenizers = offline_tokenizers(text_encoder_3)
@@ -113,21 +135,7 @@ def _tiny_components(seed: int, text_encoder_3: bool = True) -> dict:
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         ).eval()
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=16,
-            sample_size=256,
-            scaling_factor=VAE_SCALING_FACTOR,
-            shift_factor=VAE_SHIFT_FACTOR,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+        vae = tiny_autoencoder_kl(VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
         # T5 last, so the other components' weights do not depend on whether it is built.
         text_encoder_3 = None
         if tokenizer_3 is not None:
@@ -214,7 +222,7 @@ def _sd3_pretrain_velocity(transformer, x_t, sigma, conditioning):
 
 
 def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
-                          encode=None, velocity=None, spread: float = 1.0) -> float:
+                          encode=None, velocity=None, spread: float = 1.0, latents=None) -> float:
     """Flow matching (x_t = (1 - t) x0 + t eps, target eps - x0, t ~ logit-normal as SD3) of the whole
     transformer on :func:`quadrant_latents`, prompts from :data:`PRETRAIN_PROMPTS`. Returns the last loss.
 
@@ -224,9 +232,14 @@ def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: 
     SD3's (the pipeline's ``encode_prompt`` with 32 T5 tokens; ``timestep = sigma * 1000``); FLUX's tiny
     build passes :mod:`u_nft.models.flux`'s ``encode_prompts`` / ``predict_velocity`` (2x2 packing inside).
     ``spread``: :func:`quadrant_latents`'s (1.5305 / the VAE's scaling_factor for a non-SD3 VAE).
+    ``latents(batch, generator) -> x0`` replaces :func:`quadrant_latents` for a VAE with another latent
+    normalisation (Qwen-Image's per-channel mean / std: :func:`u_nft.tiny_qwen_image.quadrant_latents`).
     """
     encode = encode or _sd3_pretrain_encode
     velocity = velocity or _sd3_pretrain_velocity
+    if latents is None:
+        def latents(n, generator):
+            return quadrant_latents(n, pipeline.vae.config, generator, spread=spread)
     transformer = pipeline.transformer
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -235,7 +248,7 @@ def pretrain_on_quadrants(pipeline, steps: int, seed: int, batch: int = 16, lr: 
     transformer.train()
     loss = torch.zeros(())
     for _ in range(steps):
-        x0 = quadrant_latents(batch, pipeline.vae.config, generator, spread=spread)
+        x0 = latents(batch, generator)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(batch, generator=generator))
         t4 = t.view(-1, 1, 1, 1)
