@@ -1,25 +1,17 @@
 """scripts/train_u_nft.py end to end on the tiny offline FLUX pipeline (config/u_nft.py:flux_tiny): the real
 entry, diffusers' FluxPipeline, the merged old policy, resume, torchrun on 2 gloo ranks, evaluation, the LoRA."""
 import json
-import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from test_train_e2e import assert_same_checkpoint, assert_two_epochs_trained, run_script
+from test_train_e2e import checkpoint_tensors as checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_u_nft.py"
 CONFIG = f"{REPO / 'config' / 'u_nft.py'}:flux_tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_run_args(logdir, tiny_dir, name, *extra, epochs=2, batch=8):
@@ -36,21 +28,7 @@ def small_run_args(logdir, tiny_dir, name, *extra, epochs=2, batch=8):
 
 
 def run(script, args, nproc=1):
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    proc = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def checkpoint(run_dir, step):
-    from u_nft.checkpoint import load_checkpoint
-
-    return load_checkpoint(Path(run_dir) / "checkpoints" / f"checkpoint-{step}")
+    return run_script(args, nproc, script=script)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +43,7 @@ def test_flux_run_has_finite_losses_images_heatmaps_and_the_flux_family(flux_run
     from u_nft.run_logging import read_metrics
 
     run_dir, stdout = flux_run
-    records = read_metrics(run_dir)
-    train = [r for r in records if "train/policy_loss" in r]
-    assert [r["epoch"] for r in train] == [0, 1]
-    for r in train:
-        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
-        assert r["train/policy_loss"] > 0 and 0.0 <= r["train/mean_r"] <= 1.0
-    assert train[0]["train/old_deviate"] == pytest.approx(0.0, abs=1e-8)
-    assert train[1]["train/old_deviate"] > 0.0  # the old policy moved after the first update
-    assert any("eval/region_color_map/mean" in r for r in records)
+    assert_two_epochs_trained(read_metrics(run_dir))
     images = {p.name for p in (run_dir / "images").glob("*.png")}
     assert {"epoch0000_train_r.png", "epoch0000_train_region_color_map.png"} <= images  # r-map and reward heatmaps
     assert any("eval" in name for name in images)
@@ -142,26 +112,7 @@ def test_resumed_flux_run_matches_the_uninterrupted_run(flux_run, tiny_flux_dir)
     shutil.rmtree(killed / "checkpoints" / "checkpoint-2")
     run(SCRIPT, small_run_args(run_dir.parent, tiny_flux_dir, "killed", "--config.train.old_policy=merged",
                                f"--config.resume_from={killed / 'checkpoints' / 'checkpoint-1'}"))
-    full, resumed = checkpoint(run_dir, 2), checkpoint(killed, 2)
-    assert full.state == resumed.state
-    assert sorted(full.tensors) == sorted(resumed.tensors)
-    for name, tensors in full.tensors.items():  # LoRA, old LoRA, EMA, optimizer, scaler: bit for bit
-        assert_identical(tensors, resumed.tensors[name], name)
-
-
-def assert_identical(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert sorted(a, key=str) == sorted(b, key=str), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+    assert_same_checkpoint(checkpoint(run_dir, 2), checkpoint(killed, 2))
 
 
 @pytest.mark.slow

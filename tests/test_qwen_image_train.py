@@ -2,15 +2,14 @@
 real entry, diffusers' QwenImagePipeline, the merged old policy, resume, and the checkpoint LoRA in diffusers.
 Skipped where diffusers has no Qwen-Image (< 0.35)."""
 import json
-import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from test_train_e2e import assert_same_checkpoint, assert_two_epochs_trained, run_script
+from test_train_e2e import checkpoint_tensors as checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "QwenImagePipeline"):
@@ -35,19 +34,7 @@ def small_run_args(logdir, tiny_dir, name, *extra):
 
 
 def run(args):
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def checkpoint(run_dir, step):
-    from u_nft.checkpoint import load_checkpoint
-
-    return load_checkpoint(Path(run_dir) / "checkpoints" / f"checkpoint-{step}")
+    return run_script(args, script=SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +48,7 @@ def test_qwen_image_run_has_finite_losses_and_trains_the_qwen_lora_targets(qwen_
     from u_nft.models.qwen_image import DEFAULT_LORA_TARGETS
     from u_nft.run_logging import read_metrics
 
-    records = read_metrics(qwen_run)
-    train = [r for r in records if "train/policy_loss" in r]
-    assert [r["epoch"] for r in train] == [0, 1]
-    for r in train:
-        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
-        assert r["train/policy_loss"] > 0 and 0.0 <= r["train/mean_r"] <= 1.0
-    assert train[0]["train/old_deviate"] == pytest.approx(0.0, abs=1e-8)
-    assert train[1]["train/old_deviate"] > 0.0  # the old policy moved after the first update
-    assert any("eval/region_color_map/mean" in r for r in records)
+    assert_two_epochs_trained(read_metrics(qwen_run))
     config = json.loads((qwen_run / "checkpoints" / "checkpoint-2" / "config.json").read_text())
     assert tuple(config["lora"]["target_modules"]) == DEFAULT_LORA_TARGETS  # () resolved to Qwen-Image's default
 
@@ -112,24 +91,5 @@ def test_resumed_qwen_image_run_matches_the_uninterrupted_run(qwen_run, tiny_qwe
     shutil.rmtree(killed / "checkpoints" / "checkpoint-2")
     run(small_run_args(qwen_run.parent, tiny_qwen_image_dir, "killed",
                        f"--config.resume_from={killed / 'checkpoints' / 'checkpoint-1'}"))
-    full, resumed = checkpoint(qwen_run, 2), checkpoint(killed, 2)
-    assert full.state == resumed.state
-    assert sorted(full.tensors) == sorted(resumed.tensors)
-    for name, tensors in full.tensors.items():  # LoRA, old LoRA, EMA, optimizer, scaler: bit for bit
-        _assert_identical(tensors, resumed.tensors[name], name)
+    assert_same_checkpoint(checkpoint(qwen_run, 2), checkpoint(killed, 2))
 
-
-def _assert_identical(a, b, where):
-    """Equal trees (dicts / lists of tensors and plain values): tensors by dtype and every bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert sorted(a, key=str) == sorted(b, key=str), where
-        for key in a:
-            _assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where

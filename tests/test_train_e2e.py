@@ -1,5 +1,4 @@
 """End-to-end checks of scripts/train_u_nft_sd3.py on the offline tiny SD3 pipeline (real script, real models)."""
-import json
 import math
 import os
 import socket
@@ -32,16 +31,20 @@ def small_run_args(logdir, tiny_dir, name, *extra, epochs=2, batch=8):
             "--config.dataset.max_test_prompts=4", "--config.logging.num_log_images=4", *extra]
 
 
-def run_script(args, nproc=1, expect_ok=True):
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run_script(args, nproc=1, expect_ok=True, script=SCRIPT):
+    """Run ``script`` (default the SD3 train script) with ``args``, as one process or ``nproc`` torchrun ranks;
+    AssertionError with the output tails when it fails and ``expect_ok``."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT), *args]
+        cmd = [sys.executable, str(script), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(SCRIPT), *args]
+               f"--master_port={free_port()}", str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{Path(script).name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 
@@ -151,14 +154,33 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(two_epoch_run, tiny_sd
     run_script(small_run_args(logdir, tiny_sd3_dir, "resumed", "--stop_after_epochs=1"))
     assert not (logdir / "resumed" / "checkpoints" / "checkpoint-2").exists()
     run_script(small_run_args(logdir, tiny_sd3_dir, "resumed", f"--config.resume_from={logdir / 'resumed'}"))
-    full, resumed = checkpoint_tensors(two_epoch_run, 2), checkpoint_tensors(logdir / "resumed", 2)
+    assert_same_checkpoint(checkpoint_tensors(two_epoch_run, 2), checkpoint_tensors(logdir / "resumed", 2))
+
+
+def assert_two_epochs_trained(records):
+    """metrics.jsonl of a two-epoch run of any family: finite metrics, positive policy loss, mean r in [0, 1],
+    the old policy equal to the trained one at epoch 0 and moved by epoch 1, and an evaluation logged."""
+    train = [r for r in records if "train/policy_loss" in r]
+    assert [r["epoch"] for r in train] == [0, 1]
+    for r in train:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+        assert r["train/policy_loss"] > 0 and 0.0 <= r["train/mean_r"] <= 1.0
+    assert train[0]["train/old_deviate"] == pytest.approx(0.0, abs=1e-8)
+    assert train[1]["train/old_deviate"] > 0.0  # the old policy moved after the first update
+    assert any("eval/region_color_map/mean" in r for r in records)
+
+
+def assert_same_checkpoint(full, resumed):
+    """Two loaded checkpoints hold the same TrainState and, bit for bit, the same LoRA, old LoRA, EMA,
+    optimizer and scaler tensors."""
     assert full.state == resumed.state
     assert sorted(full.tensors) == sorted(resumed.tensors)
-    for name in full.tensors:  # LoRA, old LoRA, EMA, optimizer, scaler: bit for bit
+    for name in full.tensors:
         assert_identical(full.tensors[name], resumed.tensors[name], name)
 
 
 def assert_identical(a, b, where):
+    """Equal trees (dicts / lists of tensors and plain values): tensors by dtype and every bit."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
